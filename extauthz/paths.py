@@ -1,0 +1,76 @@
+"""One canonical form of a request path, so that every rule sees the same string.
+
+The rule (documented in docs/policy.md):
+1. The path must be in origin form (start with `/`); anything else is ambiguous.
+2. The query and fragment are cut off.
+3. Control characters, whitespace and backslashes are ambiguous.
+4. Percent-encoded unreserved characters (RFC 3986: letters, digits, `-._~`) are decoded;
+   an encoded `/` (`%2F`), `\\` (`%5C`), NUL, a control character or a malformed escape is
+   ambiguous; every other escape is kept, with uppercase hex.
+5. Runs of `/` are merged; `.` and `..` segments are resolved; `..` above the root is
+   ambiguous.
+6. Case and a trailing slash are kept: `/a/` is not `/a` for an exact rule.
+
+Ambiguous paths are denied before any rule is consulted. Normalizing is idempotent.
+"""
+
+from __future__ import annotations
+
+MAX_PATH_LENGTH = 8192
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def normalize_path(raw: str) -> str | None:
+    """Return the canonical path, or None when the path is ambiguous and must be denied."""
+    if not raw.startswith("/") or len(raw) > MAX_PATH_LENGTH:
+        return None
+    end = len(raw)
+    for stop in ("?", "#"):
+        pos = raw.find(stop)
+        if 0 <= pos < end:
+            end = pos
+    path = raw[:end]
+    if "%" in path:
+        decoded = _decode_unreserved(path)
+        if decoded is None:
+            return None
+        path = decoded
+    for ch in path:
+        if ch <= " " or ch == "\x7f" or ch == "\\":
+            return None
+    if "//" not in path and "/." not in path:
+        return path  # the common case: already canonical
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    for seg in segments:
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if not out:
+                return None
+            out.pop()
+            continue
+        out.append(seg)
+    result = "/" + "/".join(out)
+    if out and segments[-1] in ("", ".", ".."):
+        result += "/"
+    return result
+
+
+def _decode_unreserved(path: str) -> str | None:
+    parts = path.split("%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+            return None
+        code = int(part[:2], 16)
+        ch = chr(code)
+        if ch in _UNRESERVED:
+            out.append(ch + part[2:])
+        elif ch in "/\\" or code < 0x20 or code == 0x7F:
+            return None
+        else:
+            out.append("%" + part[:2].upper() + part[2:])
+    return "".join(out)

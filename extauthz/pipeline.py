@@ -1,0 +1,176 @@
+"""One check, as the data flows: identity -> decision cache -> policy -> rate limit.
+
+`Authorizer.check` is the whole pure core behind the gRPC servicer. It never raises for a
+bad request: every path ends in a Decision, and the servicer turns any unexpected exception
+into a fail-closed 503 (see server.py), never an allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from extauthz.cache import DecisionCache
+from extauthz.identity import IdentityResolver, www_authenticate
+from extauthz.matcher import CompiledPolicy
+from extauthz.model import Decision, Identity, IdentityFailure, Outcome, Reason, Request
+from extauthz.paths import normalize_path
+from extauthz.policy import METHODS, LimitDecl
+from extauthz.ratelimit import (
+    Limit,
+    LimitResult,
+    LocalLimiter,
+    principal_key,
+    rate_limit_headers,
+    rule_key,
+)
+
+MAX_HOST_LENGTH = 255
+REALM = "extauthz"
+
+
+class PolicySource(Protocol):
+    """Where the current compiled policy comes from; swapped atomically on reload."""
+
+    @property
+    def current(self) -> CompiledPolicy | None: ...
+
+
+class Limiter(Protocol):
+    async def hit_many(self, items: Sequence[tuple[str, Limit]]) -> LimitResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    decision: Decision
+    cache_hit: bool = False
+    limit: LimitResult | None = None
+
+
+def normalize_host(raw: str) -> str | None:
+    """Lowercase and drop the port: `Orders.Mesh:8443` -> `orders.mesh`."""
+    if not raw or len(raw) > MAX_HOST_LENGTH:
+        return None
+    host = raw.lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else None
+    colon = host.rfind(":")
+    if colon >= 0:
+        if not host[colon + 1 :].isdigit():
+            return None
+        host = host[:colon]
+    if not host or any(c <= " " or c in "/\\@" for c in host):
+        return None
+    return host
+
+
+def _limit(decl: LimitDecl) -> Limit:
+    return Limit(rate=decl.rate, period=decl.period, burst=decl.burst)
+
+
+class Authorizer:
+    def __init__(
+        self,
+        policy: PolicySource,
+        identity: IdentityResolver,
+        cache: DecisionCache,
+        clock: Callable[[], float],
+        limiter: Limiter | None = None,
+    ) -> None:
+        self._policy = policy
+        self._identity = identity
+        self._cache = cache
+        self._clock = clock
+        self._limiter = limiter
+
+    async def check(self, request: Request) -> CheckResult:
+        policy = self._policy.current
+        if policy is None:
+            return CheckResult(Decision(Outcome.UNAVAILABLE, Reason.POLICY_NOT_LOADED,
+                                        "no policy is loaded yet"))
+        now = self._clock()
+        found = self._identity.resolve(request, now)
+        if not isinstance(found, Identity):
+            return CheckResult(_unauthenticated(found, policy.version))
+        if not request.is_http:
+            return CheckResult(Decision(Outcome.FORBIDDEN, Reason.MALFORMED_REQUEST,
+                                        "the check has no HTTP attributes", identity=found,
+                                        policy_version=policy.version))
+        method = request.method
+        if method not in METHODS:
+            return CheckResult(Decision(Outcome.FORBIDDEN, Reason.MALFORMED_REQUEST,
+                                        "unsupported or missing HTTP method", identity=found,
+                                        policy_version=policy.version))
+        host = normalize_host(request.host)
+        path = normalize_path(request.path)
+        if host is None or path is None:
+            what = "host" if host is None else "path"
+            return CheckResult(Decision(Outcome.FORBIDDEN, Reason.AMBIGUOUS_PATH if path is None
+                                        else Reason.MALFORMED_REQUEST,
+                                        f"the request {what} is malformed or ambiguous",
+                                        identity=found, policy_version=policy.version))
+        key = (found.principal, found.source, method, host, path, policy.version)
+        decision = self._cache.get(key)
+        cache_hit = decision is not None
+        if decision is None:
+            decision = policy.evaluate(found, host, method, path).decision
+            self._cache.put(key, decision)
+        elif decision.identity is not found:
+            decision = replace(decision, identity=found)
+        if not decision.allowed or self._limiter is None:
+            return CheckResult(decision, cache_hit)
+        return await self._apply_limits(policy, decision, cache_hit)
+
+    async def _apply_limits(
+        self, policy: CompiledPolicy, decision: Decision, cache_hit: bool
+    ) -> CheckResult:
+        assert self._limiter is not None
+        principal = decision.principal
+        items: list[tuple[str, Limit]] = []
+        declared = policy.declared_principal(principal)
+        if declared is not None and declared.limit is not None:
+            items.append((principal_key(principal), _limit(declared.limit)))
+        if decision.rule:
+            rule_limit = policy.rule_limit(decision.rule)
+            if rule_limit is not None:
+                items.append((rule_key(principal, decision.rule), _limit(rule_limit)))
+        if not items:
+            return CheckResult(decision, cache_hit)
+        result = await self._limiter.hit_many(items)
+        if result.backend_error and not result.allowed:
+            return CheckResult(
+                replace(decision, outcome=Outcome.UNAVAILABLE, reason=Reason.INTERNAL_ERROR,
+                        detail="rate-limit backend unavailable"),
+                cache_hit, result)
+        if not result.allowed:
+            return CheckResult(
+                replace(decision, outcome=Outcome.RATE_LIMITED, reason=Reason.RATE_LIMITED,
+                        detail="rate limit exceeded", headers=rate_limit_headers(result)),
+                cache_hit, result)
+        return CheckResult(decision, cache_hit, result)
+
+
+class InProcessLimiter:
+    """The local GCRA limiter behind the async Limiter interface (no I/O, never awaits)."""
+
+    def __init__(self, limiter: LocalLimiter) -> None:
+        self._limiter = limiter
+
+    async def hit_many(self, items: Sequence[tuple[str, Limit]]) -> LimitResult:
+        return self._limiter.hit_many(items)
+
+
+def _unauthenticated(found: IdentityFailure | None, version: str) -> Decision:
+    if found is None:
+        failure = IdentityFailure(Reason.NO_IDENTITY, "no workload identity was presented")
+    else:
+        failure = found
+    return Decision(
+        Outcome.UNAUTHENTICATED,
+        failure.reason,
+        failure.detail,
+        policy_version=version,
+        headers=(("www-authenticate", www_authenticate(failure, REALM)),),
+    )

@@ -1,0 +1,128 @@
+"""The only place that knows Envoy's protobuf shapes: CheckRequest in, CheckResponse out.
+
+Uses the upb-backed `xds-protos` modules: parsing and building stay in C, which matters when
+the whole budget per check is a few tens of microseconds above gRPC's own cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as ea
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from extauthz.model import EMPTY, Decision, Outcome, Request
+
+METADATA_PRINCIPAL = "principal"
+REASON_HEADER = "x-extauthz-reason"
+
+_GRPC_CODE = {
+    Outcome.ALLOW: code_pb2.OK,
+    Outcome.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    Outcome.FORBIDDEN: code_pb2.PERMISSION_DENIED,
+    Outcome.RATE_LIMITED: code_pb2.RESOURCE_EXHAUSTED,
+    Outcome.UNAVAILABLE: code_pb2.UNAVAILABLE,
+}
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseOptions:
+    """What the OK response tells the upstream (configurable per deployment)."""
+
+    principal_header: str = "x-extauthz-principal"
+    # Headers a caller must never be able to set itself; removed on every allowed request.
+    strip_headers: tuple[str, ...] = ("x-extauthz-principal", "x-extauthz-rule")
+
+
+def to_request(check: ea.CheckRequest) -> Request:
+    attrs = check.attributes
+    source = attrs.source
+    if not attrs.request.HasField("http"):
+        return Request(
+            source_principal=source.principal,
+            peer_certificate=source.certificate,
+            is_http=False,
+        )
+    http = attrs.request.http
+    headers: dict[str, str]
+    if http.headers:
+        headers = dict(http.headers)
+    elif http.header_map.headers:
+        # Envoy's `encode_raw_headers` mode sends values as bytes in a list.
+        headers = {}
+        for h in http.header_map.headers:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            key = h.key.lower()
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    else:
+        headers = {}
+    return Request(
+        method=http.method,
+        host=http.host,
+        path=http.path,
+        headers=headers,
+        source_principal=source.principal,
+        peer_certificate=source.certificate,
+        source_address=source.address.socket_address.address,
+        context_extensions=dict(attrs.context_extensions) if attrs.context_extensions else EMPTY,
+    )
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def _metadata(decision: Decision) -> struct_pb2.Struct:
+    meta = struct_pb2.Struct()
+    meta.update(
+        {
+            METADATA_PRINCIPAL: decision.principal,
+            "identity_source": decision.identity.source.value if decision.identity else "",
+            "rule": decision.rule,
+            "decision": "allow" if decision.allowed else "deny",
+            "reason": decision.reason.value,
+            "policy_version": decision.policy_version,
+        }
+    )
+    return meta
+
+
+def to_response(
+    decision: Decision,
+    options: ResponseOptions,
+    extra_headers: Sequence[tuple[str, str]] = (),
+) -> ea.CheckResponse:
+    outcome = decision.outcome
+    status = status_pb2.Status(code=_GRPC_CODE[outcome])
+    if outcome is Outcome.ALLOW:
+        headers = [_header(k, v) for k, v in extra_headers]
+        if options.principal_header and decision.principal:
+            headers.append(_header(options.principal_header, decision.principal))
+        # Headers we set overwrite any copy the caller sent; the rest are removed outright
+        # (not both: the order in which Envoy applies set and remove is not part of its API).
+        set_keys = {h.header.key for h in headers}
+        remove = [h for h in options.strip_headers if h not in set_keys]
+        return ea.CheckResponse(
+            status=status,
+            ok_response=ea.OkHttpResponse(headers=headers, headers_to_remove=remove),
+            dynamic_metadata=_metadata(decision),
+        )
+    denied_headers = [_header(REASON_HEADER, decision.reason.value)]
+    denied_headers += [_header(k, v) for k, v in decision.headers]
+    denied_headers += [_header(k, v) for k, v in extra_headers]
+    return ea.CheckResponse(
+        status=status,
+        denied_response=ea.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=outcome.http_status),  # type: ignore[arg-type]
+            headers=denied_headers,
+            body=f"{outcome.http_status} {decision.reason.value}\n",
+        ),
+        dynamic_metadata=_metadata(decision),
+    )

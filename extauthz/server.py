@@ -1,0 +1,226 @@
+"""The gRPC edge: Envoy's Authorization service, health, reflection, reload and drain.
+
+The servicer is deliberately thin: convert, ask the pipeline, convert back. Whatever goes
+wrong in between becomes a fail-closed 503 with reason `internal_error`; an exception never
+reaches grpc (which would make Envoy apply its own failure mode instead of our decision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2 as ea
+from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from extauthz.cache import DecisionCache
+from extauthz.identity import IdentityConfig, IdentityResolver
+from extauthz.model import Decision, Outcome, Reason, Request
+from extauthz.pipeline import Authorizer, CheckResult, InProcessLimiter, Limiter
+from extauthz.policy_store import PolicyStore
+from extauthz.ratelimit import LocalLimiter
+from extauthz.proto import ResponseOptions, to_request, to_response
+from extauthz.settings import Settings, SettingsError, parse_listen_address
+
+log = logging.getLogger("extauthz.server")
+
+AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+_INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR,
+                           "extauthz could not decide; failing closed")
+
+
+class CheckObserver(Protocol):
+    """Sees every check after it is decided (spans, decision logs, metrics)."""
+
+    def observe(self, request: Request | None, result: CheckResult, seconds: float) -> None: ...
+
+
+@dataclass(slots=True)
+class Stats:
+    checks: int = 0
+    errors: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        options: ResponseOptions,
+        observers: Sequence[CheckObserver] = (),
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._authorizer = authorizer
+        self._options = options
+        self._observers = tuple(observers)
+        self._clock = clock
+        self.stats = Stats()
+
+    async def Check(self, check: ea.CheckRequest, context: Any) -> ea.CheckResponse:  # noqa: N802
+        started = self._clock()
+        request: Request | None = None
+        result: CheckResult
+        try:
+            request = to_request(check)
+            result = await self._authorizer.check(request)
+            response = to_response(result.decision, self._options)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Fail closed, loudly. The request content is not logged: it may hold credentials.
+            log.exception("check failed; denying", extra={"event": "check_error"})
+            self.stats.errors += 1
+            result = CheckResult(_INTERNAL_ERROR)
+            response = to_response(_INTERNAL_ERROR, self._options)
+        self.stats.checks += 1
+        reason = result.decision.reason.value
+        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        if self._observers:
+            elapsed = self._clock() - started
+            for observer in self._observers:
+                try:
+                    observer.observe(request, result, elapsed)
+                except Exception:
+                    log.exception("observer failed", extra={"event": "observer_error"})
+        return response
+
+
+@dataclass
+class App:
+    settings: Settings
+    store: PolicyStore
+    authorizer: Authorizer
+    servicer: AuthorizationServicer
+    health: health_aio.HealthServicer
+    cache: DecisionCache
+
+
+def build_app(
+    settings: Settings,
+    limiter: Limiter | None = None,
+    observers: Sequence[CheckObserver] = (),
+    clock: Callable[[], float] = time.time,
+) -> App:
+    if settings.policy is None:
+        raise SettingsError("policy: a policy directory is required (--policy DIR)")
+    store = PolicyStore(settings.policy)
+    identity = IdentityResolver.from_config(
+        IdentityConfig(trust_domains=frozenset(settings.trust_domains))
+    )
+    cache = DecisionCache(settings.cache_size, settings.cache_ttl, clock)
+    if limiter is None:
+        limiter = InProcessLimiter(LocalLimiter(clock, settings.limiter_max_keys))
+    authorizer = Authorizer(store, identity, cache, clock, limiter)
+    servicer = AuthorizationServicer(
+        authorizer, ResponseOptions(principal_header=settings.principal_header), observers
+    )
+    return App(settings, store, authorizer, servicer, health_aio.HealthServicer(), cache)
+
+
+async def _set_health(app: App, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for service in ("", AUTHZ_SERVICE):
+        await app.health.set(service, status)
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> list[str]:
+    bound = []
+    for addr in settings.listen:
+        host, where = parse_listen_address(addr)
+        if host == "unix":
+            path = str(where)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)  # a stale socket from a previous run
+            previous = os.umask(0o777 & ~settings.socket_mode)
+            try:
+                server.add_insecure_port(addr)
+            finally:
+                os.umask(previous)
+            bound.append(addr)
+        else:
+            port = server.add_insecure_port(addr)
+            if port == 0:
+                raise SettingsError(f"listen: cannot bind {addr}")
+            bound.append(f"{host}:{port}")
+    return bound
+
+
+async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; drain in-flight checks for the grace period; return 0."""
+    settings = app.settings
+    if not app.store.reload():
+        raise SettingsError(f"policy: cannot load {settings.policy}: {app.store.last_error}")
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    ea_grpc.add_AuthorizationServicer_to_server(app.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    reflection.enable_server_reflection(
+        (AUTHZ_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    bound = _bind(server, settings)
+    await server.start()
+    for addr in settings.listen:
+        if addr.startswith("unix:"):
+            os.chmod(addr[len("unix:") :], settings.socket_mode)
+    await _set_health(app, True)
+    log.info("serving", extra={"event": "serving", "listen": bound,
+                               "policy_version": app.store.current.version if app.store.current else None})
+    if ready is not None:
+        ready(bound)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload_now = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    watcher = asyncio.create_task(_watch(app, reload_now))
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        log.info("draining", extra={"event": "draining", "grace_period": settings.grace_period})
+        await _set_health(app, False)
+        await server.stop(settings.grace_period)
+        for addr in settings.listen:
+            if addr.startswith("unix:"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(addr[len("unix:") :])
+        log.info("stopped", extra={"event": "stopped", "checks": app.servicer.stats.checks})
+    return 0
+
+
+async def _watch(app: App, reload_now: asyncio.Event) -> None:
+    """Reload on SIGHUP, or when the directory's content changes (polled: works for
+    ConfigMap symlink swaps, which inotify-style watchers often miss)."""
+    interval = app.settings.watch_interval
+    seen = await asyncio.to_thread(app.store.fingerprint)
+    while True:
+        try:
+            if interval > 0:
+                await asyncio.wait_for(reload_now.wait(), timeout=interval)
+            else:
+                await reload_now.wait()
+        except TimeoutError:
+            pass
+        forced = reload_now.is_set()
+        reload_now.clear()
+        current = await asyncio.to_thread(app.store.fingerprint)
+        if forced or current != seen:
+            seen = current
+            await asyncio.to_thread(app.store.reload)

@@ -1,0 +1,146 @@
+"""Server settings: validated once at start-up, then passed down; never read from globals.
+
+Precedence: command-line flag > `EXTAUTHZ_*` environment variable > config file > default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "EXTAUTHZ_"
+
+
+class SettingsError(ValueError):
+    """Bad configuration; the message names the setting and where it came from."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    policy: Path | None = None
+    listen: tuple[str, ...] = ("127.0.0.1:9191",)
+    grace_period: float = 10.0
+    socket_mode: int = 0o660
+    watch_interval: float = 2.0
+    cache_size: int = 100_000
+    cache_ttl: float = 60.0
+    trust_domains: tuple[str, ...] = ()
+    principal_header: str = "x-extauthz-principal"
+    limiter_max_keys: int = 100_000
+    log_level: str = "info"
+    identity: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif f.name == "socket_mode":
+                value = f"{value:04o}"
+            out[f.name] = value
+        return out
+
+
+def _coerce(name: str, raw: object, origin: str) -> object:
+    default = Settings.__dataclass_fields__[name].default
+    try:
+        if name == "policy":
+            return Path(str(raw))
+        if name == "identity":
+            if not isinstance(raw, Mapping):
+                raise TypeError("must be a mapping")
+            return dict(raw)
+        if name == "socket_mode":
+            return int(str(raw), 8)
+        if isinstance(default, tuple):
+            if isinstance(raw, str):
+                items = [s.strip() for s in raw.split(",") if s.strip()]
+            elif isinstance(raw, list | tuple):
+                items = [str(s) for s in raw]
+            else:
+                raise TypeError("must be a list")
+            return tuple(items)
+        if isinstance(default, bool):
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            value = int(str(raw))
+            if value < 0:
+                raise ValueError("must not be negative")
+            return value
+        if isinstance(default, float):
+            fvalue = float(str(raw))
+            if fvalue < 0:
+                raise ValueError("must not be negative")
+            return fvalue
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name} (from {origin}): invalid value {raw!r}: {exc}") from None
+
+
+def load_settings(
+    flags: Mapping[str, object],
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+) -> Settings:
+    names = {f.name for f in fields(Settings)}
+    values: dict[str, object] = {}
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(config_file.read_text())
+        except OSError as exc:
+            raise SettingsError(f"config file {config_file}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"config file {config_file}: invalid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise SettingsError(f"config file {config_file}: must be a mapping")
+        for key, raw in data.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise SettingsError(f"config file {config_file}: unknown setting {key!r}")
+            values[name] = _coerce(name, raw, f"config file {config_file}")
+    for name in names:
+        env = ENV_PREFIX + name.upper()
+        if env in environ and environ[env] != "":
+            values[name] = _coerce(name, environ[env], f"environment variable {env}")
+    for name, raw in flags.items():
+        if raw is not None and name in names:
+            values[name] = _coerce(name, raw, f"flag --{name.replace('_', '-')}")
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if not s.listen:
+        raise SettingsError("listen: at least one address is required")
+    for addr in s.listen:
+        parse_listen_address(addr)
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise SettingsError(f"log_level: must be debug, info, warning or error, not {s.log_level!r}")
+
+
+def parse_listen_address(addr: str) -> tuple[str, str | int]:
+    """`unix:/path` -> ("unix", "/path"); `host:port` -> (host, port)."""
+    if addr.startswith("unix:"):
+        path = addr[len("unix:") :]
+        if not path.startswith("/"):
+            raise SettingsError(f"listen: unix socket path must be absolute: {addr!r}")
+        return ("unix", path)
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"listen: expected HOST:PORT or unix:/path, got {addr!r}")
+    return (host, int(port))
+
+
+def environ() -> Mapping[str, str]:
+    return os.environ

@@ -1,0 +1,29 @@
+"""The pure core must not import gRPC, OpenTelemetry's SDK, Redis or Envoy's protos."""
+
+import ast
+from pathlib import Path
+
+CORE = ["model", "spiffe", "xfcc", "jwt_auth", "identity", "policy", "paths", "matcher",
+        "cache", "ratelimit", "pipeline"]
+FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "opentelemetry.sdk", "redis", "envoy",
+             "xds", "urllib", "http", "socket", "asyncio.subprocess", "subprocess")
+
+PKG = Path(__file__).resolve().parents[2] / "extauthz"
+
+
+def test_core_modules_import_nothing_from_the_edges() -> None:
+    offenders = []
+    for name in CORE:
+        path = PKG / f"{name}.py"
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module]
+            for mod in mods:
+                if any(mod == f or mod.startswith(f + ".") for f in FORBIDDEN):
+                    offenders.append(f"{name}.py imports {mod}")
+    assert offenders == []
