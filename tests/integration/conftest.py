@@ -1,0 +1,70 @@
+"""Fixtures for the integration tests: a real Redis.
+
+`redis_url`: any Redis: a local `redis-server` process (preferred), else a testcontainers
+Redis when a Docker engine answers; neither: the test *fails* with install instructions
+(a missing dependency must never look like a green run).
+`redis_proc`: a local `redis-server` process we can SIGSTOP / SIGKILL by PID; skipped when
+only Docker is available, failed when neither is.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
+    sys.path.insert(0, _ROOT)
+
+from tests.redis_server import (  # noqa: E402
+    INSTALL_HINT,
+    RedisServer,
+    docker_available,
+    find_redis_server,
+)
+
+
+def _start_container() -> Any:
+    from testcontainers.redis import RedisContainer
+
+    container = RedisContainer("redis:7-alpine")
+    container.start()
+    return container
+
+
+@pytest.fixture
+def redis_proc() -> Iterator[RedisServer]:
+    if find_redis_server() is None:
+        if docker_available():
+            pytest.skip("needs a local redis-server process (signals by PID); only Docker found")
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    if find_redis_server() is not None:
+        server = RedisServer().start()
+        try:
+            yield server.url
+        finally:
+            server.close()
+        return
+    if docker_available():
+        container = _start_container()
+        try:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        finally:
+            container.stop()
+        return
+    pytest.fail(INSTALL_HINT, pytrace=False)

@@ -1,0 +1,374 @@
+"""RedisLimiter against a real redis-server. Bad paths first.
+
+Each test gets its own redis-server (see conftest.py). Async code runs under asyncio.run,
+so no pytest plugin is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+
+from extauthz.model import Outcome
+from extauthz.ratelimit import (
+    Limit,
+    LimitResult,
+    LocalLimiter,
+    limit_outcome,
+    principal_key,
+    rate_limit_headers,
+    rule_key,
+)
+from extauthz.redis_limiter import FailureMode, RedisLimiter
+from tests.redis_server import RedisServer, docker_available, free_port
+
+pytestmark = pytest.mark.redis
+
+T = TypeVar("T")
+HOUR = 3600.0  # long periods: no refill happens while a test runs
+SLACK = 0.050  # "no call slower than timeout + 50 ms"
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coro
+
+    return asyncio.run(main())
+
+
+async def timed(call: Callable[[], Awaitable[LimitResult]]) -> tuple[LimitResult, float]:
+    started = time.perf_counter()
+    result = await call()
+    return result, time.perf_counter() - started
+
+
+# --- bad configuration and unreachable Redis ---------------------------------------------
+
+
+def test_rejects_bad_configuration() -> None:
+    client = aioredis.Redis()
+    with pytest.raises(ValueError):
+        RedisLimiter(client, failure_mode="sideways")
+    with pytest.raises(ValueError):
+        RedisLimiter(client, timeout=0)
+    run(client.aclose())
+
+
+@pytest.mark.parametrize("mode", list(FailureMode))
+def test_nothing_listening_answers_per_failure_mode_quickly(mode: FailureMode) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(f"redis://127.0.0.1:{free_port()}/0", failure_mode=mode)
+        limit = Limit(1, HOUR, 2)
+        try:
+            results = []
+            for _ in range(3):
+                r, took = await timed(lambda: rl.hit("k", limit))
+                assert took < rl.timeout + SLACK
+                results.append(r)
+        finally:
+            await rl.aclose()
+        if mode is FailureMode.CLOSED:
+            assert all(limit_outcome(r) is Outcome.UNAVAILABLE for r in results)
+        elif mode is FailureMode.OPEN:
+            assert all(r.allowed and r.backend_error for r in results)
+        else:
+            assert [r.allowed for r in results] == [True, True, False]
+            assert all(r.degraded and not r.backend_error for r in results)
+            assert limit_outcome(results[-1]) is Outcome.RATE_LIMITED
+
+    run(main())
+
+
+def test_bad_arguments_raise_before_touching_redis(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url)
+        try:
+            with pytest.raises(ValueError):
+                await rl.hit_many([])
+            with pytest.raises(ValueError):
+                await rl.hit_many([("k", Limit(1, 1.0, 1)), ("k", Limit(1, 1.0, 1))])
+            with pytest.raises(ValueError):
+                await rl.hit("k", Limit(1, 1.0, 1), cost=-1)
+            assert rl.backend_errors == 0
+        finally:
+            await rl.aclose()
+
+    run(main())
+
+
+# --- exact counting ----------------------------------------------------------------------
+
+
+def test_exactly_n_then_denied_and_same_numbers_as_local(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url, timeout=1.0)
+        local = LocalLimiter(time.monotonic)
+        limit = Limit(rate=5, period=HOUR, burst=5)
+        try:
+            remote = [await rl.hit("p", limit) for _ in range(8)]
+        finally:
+            await rl.aclose()
+        here = [local.hit("p", limit) for _ in range(8)]
+        assert [r.allowed for r in remote] == [True] * 5 + [False] * 3
+        assert [r.remaining for r in remote] == [r.remaining for r in here]
+        assert not any(r.backend_error or r.degraded for r in remote)
+        assert all(r.key == "p" for r in remote)
+        denied = remote[-1]
+        assert limit_outcome(denied) is Outcome.RATE_LIMITED
+        assert denied.retry_after == pytest.approx(HOUR / 5, abs=0.05)
+        assert dict(rate_limit_headers(denied))["retry-after"] == "720"
+
+    run(main())
+
+
+def test_refill_uses_redis_time(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url, timeout=1.0)
+        limit = Limit(rate=20, period=1.0, burst=1)  # one per 50 ms
+        try:
+            assert (await rl.hit("p", limit)).allowed
+            r = await rl.hit("p", limit)
+            assert not r.allowed and 0 < r.retry_after <= 0.05
+            await asyncio.sleep(r.retry_after + 0.005)
+            assert (await rl.hit("p", limit)).allowed
+        finally:
+            await rl.aclose()
+
+    run(main())
+
+
+def test_concurrent_checks_allow_exactly_the_limit(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url, timeout=2.0, max_connections=32)
+        limit = Limit(rate=1, period=HOUR, burst=50)
+        try:
+            results = await asyncio.gather(*(rl.hit("p", limit) for _ in range(300)))
+        finally:
+            await rl.aclose()
+        assert not any(r.backend_error for r in results)
+        assert sum(r.allowed for r in results) == 50
+
+    run(main())
+
+
+def test_three_replicas_share_one_budget_exactly(redis_url: str) -> None:
+    async def main() -> None:
+        replicas = [RedisLimiter.from_url(redis_url, timeout=2.0) for _ in range(3)]
+        per_principal = Limit(rate=1, period=HOUR, burst=60)
+        per_rule = Limit(rate=1, period=HOUR, burst=40)
+        p = "spiffe://td/ns/a/sa/client"
+        checks = [(principal_key(p), per_principal), (rule_key(p, "read"), per_rule)]
+        try:
+            single = await asyncio.gather(
+                *(rl.hit("solo", per_rule) for rl in replicas for _ in range(50))
+            )
+            many = await asyncio.gather(
+                *(rl.hit_many(checks) for rl in replicas for _ in range(50))
+            )
+            # The per-principal budget paid only for the 40 allowed calls, on every replica.
+            peeks = [await rl.hit(principal_key(p), per_principal, cost=0) for rl in replicas]
+        finally:
+            for rl in replicas:
+                await rl.aclose()
+        assert not any(r.backend_error for r in single + many)
+        assert sum(r.allowed for r in single) == 40  # tolerance: none, exact
+        assert sum(r.allowed for r in many) == 40
+        assert [r.remaining for r in peeks] == [20, 20, 20]
+
+    run(main())
+
+
+def test_hit_many_consumes_nothing_when_one_denies(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url, timeout=1.0)
+        wide, narrow = Limit(1, HOUR, 100), Limit(1, HOUR, 2)
+        try:
+            assert (await rl.hit_many([("a", wide), ("b", narrow)])).allowed
+            assert (await rl.hit_many([("a", wide), ("b", narrow)])).allowed
+            for _ in range(10):
+                r = await rl.hit_many([("a", wide), ("b", narrow)])
+                assert not r.allowed and r.key == "b"
+            assert (await rl.hit("a", wide, cost=0)).remaining == 98
+        finally:
+            await rl.aclose()
+
+    run(main())
+
+
+def test_every_key_has_a_ttl_and_the_prefix(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url, timeout=1.0, prefix="t:rl:")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            for i in range(20):
+                limit = Limit(rate=1 + i, period=60.0, burst=1 + i % 4)
+                await rl.hit_many([(f"p{i}", limit), (f"p{i}:r", Limit(1, 10.0, 1))])
+                await rl.hit(f"q{i}", limit, cost=0)  # a peek writes nothing
+            keys = [k async for k in raw.scan_iter(match="*")]
+            assert len(keys) == 40
+            assert all(k.startswith(b"t:rl:") for k in keys)
+            for k in keys:
+                ttl_ms = await raw.pttl(k)
+                assert 0 < ttl_ms <= 60_000, (k, ttl_ms)
+        finally:
+            await raw.aclose()
+            await rl.aclose()
+
+    run(main())
+
+
+def test_survives_script_flush(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url, timeout=1.0)
+        raw = aioredis.Redis.from_url(redis_url)
+        limit = Limit(1, HOUR, 3)
+        try:
+            await rl.load_script()
+            assert (await rl.hit("k", limit)).remaining == 2
+            await raw.script_flush()
+            r = await rl.hit("k", limit)  # EVALSHA -> NOSCRIPT -> EVAL
+            assert r.allowed and r.remaining == 1 and not r.backend_error
+            assert (await raw.script_exists(rl_sha()))[0]
+        finally:
+            await raw.aclose()
+            await rl.aclose()
+
+    run(main())
+
+
+def rl_sha() -> str:
+    from extauthz.redis_limiter import GCRA_SHA
+
+    return GCRA_SHA
+
+
+# --- Redis hangs or dies -----------------------------------------------------------------
+
+
+def expect_mode(mode: FailureMode, results: list[LimitResult], burst: int) -> None:
+    if mode is FailureMode.CLOSED:
+        assert all(not r.allowed and r.backend_error for r in results)
+        assert all(limit_outcome(r) is Outcome.UNAVAILABLE for r in results)
+    elif mode is FailureMode.OPEN:
+        assert all(r.allowed and r.backend_error for r in results)
+    else:  # the per-process fallback enforces the limit on its own
+        assert all(r.degraded and not r.backend_error for r in results)
+        assert sum(r.allowed for r in results) == min(burst, len(results))
+
+
+async def wait_until_recovered(rl: RedisLimiter, key: str, limit: Limit) -> LimitResult:
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        r = await rl.hit(key, limit)
+        if not (r.backend_error or r.degraded):
+            return r
+        await asyncio.sleep(0.02)
+    raise AssertionError("RedisLimiter did not recover within 5 s")
+
+
+async def outage(
+    rl: RedisLimiter, mode: FailureMode, key: str, calls: int = 12
+) -> list[tuple[LimitResult, float]]:
+    limit = Limit(1, HOUR, 5)
+    out = [
+        await timed(lambda: rl.hit_many([(key, limit), (key + ":r", limit)])) for _ in range(calls)
+    ]
+    expect_mode(mode, [r for r, _ in out], burst=5)
+    slowest = max(took for _, took in out)
+    assert slowest < rl.timeout + SLACK, f"{mode}: slowest call {slowest * 1000:.1f} ms"
+    return out
+
+
+@pytest.mark.parametrize("mode", list(FailureMode))
+def test_sigstopped_redis_is_bounded_and_recovers(
+    redis_proc: RedisServer, mode: FailureMode
+) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(
+            redis_proc.url, failure_mode=mode, breaker_threshold=3, breaker_cooldown=0.1
+        )
+        limit = Limit(1, HOUR, 5)
+        try:
+            await rl.load_script()
+            assert (await rl.hit("before", limit)).allowed
+            redis_proc.pause()
+            try:
+                await outage(rl, mode, "during")
+                assert not rl.healthy  # breaker open: no latency per call any more
+                await asyncio.sleep(0.15)
+                await outage(rl, mode, "during2", calls=4)  # half-open probes time out again
+            finally:
+                redis_proc.resume()
+            r = await wait_until_recovered(rl, "after", limit)
+            assert r.allowed and r.remaining == 4
+            assert (await rl.hit("before", limit)).remaining == 3  # state kept across the stall
+        finally:
+            await rl.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", list(FailureMode))
+def test_killed_redis_is_bounded_and_recovers_on_restart(
+    redis_proc: RedisServer, mode: FailureMode
+) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_proc.url, failure_mode=mode, breaker_cooldown=0.1)
+        limit = Limit(1, HOUR, 5)
+        try:
+            # Warm the pool: several live connections that the kill will break.
+            await asyncio.gather(*(rl.hit(f"warm{i}", limit) for i in range(8)))
+            redis_proc.kill()
+            await outage(rl, mode, "dead")
+            redis_proc.start()  # same port, empty, no scripts cached: NOSCRIPT path
+            r = await wait_until_recovered(rl, "back", limit)
+            assert r.allowed and r.remaining == 4 and not r.backend_error
+        finally:
+            await rl.aclose()
+
+    run(main())
+
+
+def test_timed_out_calls_do_not_leak_tasks(redis_proc: RedisServer) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_proc.url, breaker_cooldown=0)
+        limit = Limit(1, HOUR, 5)
+        try:
+            redis_proc.pause()
+            try:
+                results = await asyncio.gather(*(rl.hit(f"k{i}", limit) for i in range(20)))
+            finally:
+                redis_proc.resume()
+            assert all(r.backend_error for r in results)
+        finally:
+            await rl.aclose()
+        assert not rl._inflight
+        assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    run(main())
+
+
+# --- the Docker path ---------------------------------------------------------------------
+
+
+def test_testcontainers_redis_when_docker_answers() -> None:
+    if not docker_available():
+        pytest.skip("no Docker engine answers: the testcontainers path is not exercised here")
+    from testcontainers.redis import RedisContainer
+
+    with RedisContainer("redis:7-alpine") as container:
+        url = f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}"
+
+        async def main() -> Any:
+            rl = RedisLimiter.from_url(url, timeout=1.0)
+            try:
+                return [await rl.hit("k", Limit(1, HOUR, 2)) for _ in range(3)]
+            finally:
+                await rl.aclose()
+
+        assert [r.allowed for r in run(main())] == [True, True, False]
