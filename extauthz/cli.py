@@ -23,22 +23,50 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "Precedence: flag > environment > config file > default.",
     )
     p.add_argument("--policy", metavar="DIR", help="policy directory (required)")
-    p.add_argument("--listen", metavar="ADDR", action="append",
-                   help="HOST:PORT or unix:/path.sock; repeatable (default 127.0.0.1:9191)")
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        action="append",
+        help="HOST:PORT or unix:/path.sock; repeatable (default 127.0.0.1:9191)",
+    )
     p.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
-    p.add_argument("--grace-period", type=float, metavar="SECONDS",
-                   help="how long SIGTERM waits for in-flight checks (default 10)")
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        metavar="SECONDS",
+        help="how long SIGTERM waits for in-flight checks (default 10)",
+    )
     p.add_argument("--socket-mode", metavar="OCTAL", help="unix socket permissions (default 0660)")
-    p.add_argument("--watch-interval", type=float, metavar="SECONDS",
-                   help="poll the policy directory for changes; 0 = only on SIGHUP (default 2)")
-    p.add_argument("--cache-size", type=int, metavar="N", help="decision cache entries (default 100000; 0 disables)")
-    p.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="decision cache TTL (default 60)")
-    p.add_argument("--trust-domains", metavar="LIST", help="comma-separated trusted SPIFFE trust domains")
-    p.add_argument("--principal-header", metavar="NAME",
-                   help="header carrying the verified principal to the upstream ('' disables)")
-    p.add_argument("--limiter-max-keys", type=int, metavar="N", help="in-memory rate-limit state bound")
+    p.add_argument(
+        "--watch-interval",
+        type=float,
+        metavar="SECONDS",
+        help="poll the policy directory for changes; 0 = only on SIGHUP (default 2)",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=int,
+        metavar="N",
+        help="decision cache entries (default 100000; 0 disables)",
+    )
+    p.add_argument(
+        "--cache-ttl", type=float, metavar="SECONDS", help="decision cache TTL (default 60)"
+    )
+    p.add_argument(
+        "--trust-domains", metavar="LIST", help="comma-separated trusted SPIFFE trust domains"
+    )
+    p.add_argument(
+        "--principal-header",
+        metavar="NAME",
+        help="header carrying the verified principal to the upstream ('' disables)",
+    )
+    p.add_argument(
+        "--limiter-max-keys", type=int, metavar="N", help="in-memory rate-limit state bound"
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
-    p.add_argument("--print-config", action="store_true", help="print the effective settings and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the effective settings and exit"
+    )
 
 
 # Further subcommands live in their own modules, each exposing `register(sub)` that adds a
@@ -61,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         "SPIFFE SVIDs, send real mTLS requests, print who called what and the answer "
         "(allowed / 401 / 403 / 429), then stop everything it started.",
     )
+    health = sub.add_parser(
+        "health",
+        help="probe a running server's gRPC health service (for HEALTHCHECK and probes)",
+        description="Exit 0 when the server answers SERVING, 1 otherwise.",
+    )
+    health.add_argument(
+        "--address",
+        default="127.0.0.1:9191",
+        help="HOST:PORT or unix:/path.sock (default 127.0.0.1:9191)",
+    )
+    health.add_argument("--service", default="", help="health service name ('' = overall)")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    health.set_defaults(run=_health)
+
     import importlib
 
     for module in COMMANDS:
@@ -97,6 +139,23 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"extauthz serve: {exc}", file=sys.stderr)
         return 2
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as exc:
+        print(f"extauthz health: {args.address}: {exc.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _run(coro: object) -> int:

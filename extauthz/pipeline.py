@@ -47,6 +47,12 @@ class CheckResult:
     cache_hit: bool = False
     limit: LimitResult | None = None
 
+    @property
+    def shared(self) -> bool:
+        """The decision is the cached object itself, so edges may memoize what they derive
+        from it (e.g. the serialized CheckResponse) by its identity."""
+        return self.cache_hit and self.decision.outcome is not Outcome.RATE_LIMITED
+
 
 def normalize_host(raw: str) -> str | None:
     """Lowercase and drop the port: `Orders.Mesh:8443` -> `orders.mesh`."""
@@ -88,37 +94,54 @@ class Authorizer:
     async def check(self, request: Request) -> CheckResult:
         policy = self._policy.current
         if policy is None:
-            return CheckResult(Decision(Outcome.UNAVAILABLE, Reason.POLICY_NOT_LOADED,
-                                        "no policy is loaded yet"))
+            return CheckResult(
+                Decision(Outcome.UNAVAILABLE, Reason.POLICY_NOT_LOADED, "no policy is loaded yet")
+            )
         now = self._clock()
         found = self._identity.resolve(request, now)
         if not isinstance(found, Identity):
             return CheckResult(_unauthenticated(found, policy.version))
         if not request.is_http:
-            return CheckResult(Decision(Outcome.FORBIDDEN, Reason.MALFORMED_REQUEST,
-                                        "the check has no HTTP attributes", identity=found,
-                                        policy_version=policy.version))
+            return CheckResult(
+                Decision(
+                    Outcome.FORBIDDEN,
+                    Reason.MALFORMED_REQUEST,
+                    "the check has no HTTP attributes",
+                    identity=found,
+                    policy_version=policy.version,
+                )
+            )
         method = request.method
         if method not in METHODS:
-            return CheckResult(Decision(Outcome.FORBIDDEN, Reason.MALFORMED_REQUEST,
-                                        "unsupported or missing HTTP method", identity=found,
-                                        policy_version=policy.version))
+            return CheckResult(
+                Decision(
+                    Outcome.FORBIDDEN,
+                    Reason.MALFORMED_REQUEST,
+                    "unsupported or missing HTTP method",
+                    identity=found,
+                    policy_version=policy.version,
+                )
+            )
         host = normalize_host(request.host)
         path = normalize_path(request.path)
         if host is None or path is None:
             what = "host" if host is None else "path"
-            return CheckResult(Decision(Outcome.FORBIDDEN, Reason.AMBIGUOUS_PATH if path is None
-                                        else Reason.MALFORMED_REQUEST,
-                                        f"the request {what} is malformed or ambiguous",
-                                        identity=found, policy_version=policy.version))
-        key = (found.principal, found.source, method, host, path, policy.version)
+            return CheckResult(
+                Decision(
+                    Outcome.FORBIDDEN,
+                    Reason.AMBIGUOUS_PATH if path is None else Reason.MALFORMED_REQUEST,
+                    f"the request {what} is malformed or ambiguous",
+                    identity=found,
+                    policy_version=policy.version,
+                )
+            )
+        # The issuer is part of the key: two JWT issuers may hand out the same `sub`.
+        key = (found.principal, found.source, found.issuer, method, host, path, policy.version)
         decision = self._cache.get(key)
         cache_hit = decision is not None
         if decision is None:
             decision = policy.evaluate(found, host, method, path).decision
             self._cache.put(key, decision)
-        elif decision.identity is not found:
-            decision = replace(decision, identity=found)
         if not decision.allowed or self._limiter is None:
             return CheckResult(decision, cache_hit)
         return await self._apply_limits(policy, decision, cache_hit)
@@ -141,14 +164,27 @@ class Authorizer:
         result = await self._limiter.hit_many(items)
         if result.backend_error and not result.allowed:
             return CheckResult(
-                replace(decision, outcome=Outcome.UNAVAILABLE, reason=Reason.INTERNAL_ERROR,
-                        detail="rate-limit backend unavailable"),
-                cache_hit, result)
+                replace(
+                    decision,
+                    outcome=Outcome.UNAVAILABLE,
+                    reason=Reason.INTERNAL_ERROR,
+                    detail="rate-limit backend unavailable",
+                ),
+                cache_hit,
+                result,
+            )
         if not result.allowed:
             return CheckResult(
-                replace(decision, outcome=Outcome.RATE_LIMITED, reason=Reason.RATE_LIMITED,
-                        detail="rate limit exceeded", headers=rate_limit_headers(result)),
-                cache_hit, result)
+                replace(
+                    decision,
+                    outcome=Outcome.RATE_LIMITED,
+                    reason=Reason.RATE_LIMITED,
+                    detail="rate limit exceeded",
+                    headers=rate_limit_headers(result),
+                ),
+                cache_hit,
+                result,
+            )
         return CheckResult(decision, cache_hit, result)
 
 

@@ -120,7 +120,7 @@ def to_response(
     return ea.CheckResponse(
         status=status,
         denied_response=ea.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=outcome.http_status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=outcome.http_status),
             headers=denied_headers,
             body=f"{outcome.http_status} {decision.reason.value}\n",
         ),

@@ -30,15 +30,17 @@ from extauthz.identity import IdentityConfig, IdentityResolver
 from extauthz.model import Decision, Outcome, Reason, Request
 from extauthz.pipeline import Authorizer, CheckResult, InProcessLimiter, Limiter
 from extauthz.policy_store import PolicyStore
-from extauthz.ratelimit import LocalLimiter
 from extauthz.proto import ResponseOptions, to_request, to_response
+from extauthz.ratelimit import LocalLimiter
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 
 log = logging.getLogger("extauthz.server")
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
-_INTERNAL_ERROR = Decision(Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR,
-                           "extauthz could not decide; failing closed")
+RESPONSE_MEMO_SIZE = 4096
+_INTERNAL_ERROR = Decision(
+    Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR, "extauthz could not decide; failing closed"
+)
 
 
 class CheckObserver(Protocol):
@@ -67,15 +69,31 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
         self._observers = tuple(observers)
         self._clock = clock
         self.stats = Stats()
+        # Responses built for cached decisions, by decision identity (the decision is kept
+        # alive in the value so an id is never reused while its entry exists).
+        self._responses: dict[int, tuple[Decision, ea.CheckResponse]] = {}
 
-    async def Check(self, check: ea.CheckRequest, context: Any) -> ea.CheckResponse:  # noqa: N802
+    def _respond(self, result: CheckResult) -> ea.CheckResponse:
+        decision = result.decision
+        if not result.shared:
+            return to_response(decision, self._options)
+        memo = self._responses.get(id(decision))
+        if memo is not None and memo[0] is decision:
+            return memo[1]
+        response = to_response(decision, self._options)
+        if len(self._responses) >= RESPONSE_MEMO_SIZE:
+            self._responses.clear()
+        self._responses[id(decision)] = (decision, response)
+        return response
+
+    async def Check(self, check: ea.CheckRequest, context: Any) -> ea.CheckResponse:
         started = self._clock()
         request: Request | None = None
         result: CheckResult
         try:
             request = to_request(check)
             result = await self._authorizer.check(request)
-            response = to_response(result.decision, self._options)
+            response = self._respond(result)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -130,8 +148,11 @@ def build_app(
 
 
 async def _set_health(app: App, serving: bool) -> None:
-    status = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for service in ("", AUTHZ_SERVICE):
         await app.health.set(service, status)
 
@@ -168,8 +189,11 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
     ea_grpc.add_AuthorizationServicer_to_server(app.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_server_reflection(
-        (AUTHZ_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            AUTHZ_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     bound = _bind(server, settings)
@@ -178,8 +202,14 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
         if addr.startswith("unix:"):
             os.chmod(addr[len("unix:") :], settings.socket_mode)
     await _set_health(app, True)
-    log.info("serving", extra={"event": "serving", "listen": bound,
-                               "policy_version": app.store.current.version if app.store.current else None})
+    log.info(
+        "serving",
+        extra={
+            "event": "serving",
+            "listen": bound,
+            "policy_version": app.store.current.version if app.store.current else None,
+        },
+    )
     if ready is not None:
         ready(bound)
 

@@ -126,7 +126,9 @@ def _validate(s: Settings) -> None:
     for addr in s.listen:
         parse_listen_address(addr)
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise SettingsError(f"log_level: must be debug, info, warning or error, not {s.log_level!r}")
+        raise SettingsError(
+            f"log_level: must be debug, info, warning or error, not {s.log_level!r}"
+        )
 
 
 def parse_listen_address(addr: str) -> tuple[str, str | int]:

@@ -14,9 +14,7 @@ MAX_ID_LENGTH = 2048
 MAX_TRUST_DOMAIN_LENGTH = 255
 
 _TRUST_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
-_PATH_CHARS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._"
-)
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
 
 
 class SpiffeIdError(ValueError):
@@ -70,9 +68,7 @@ def _check_trust_domain(td: str) -> None:
                 raise SpiffeIdError("trust domain must not contain userinfo")
             if ch in "?#":
                 raise SpiffeIdError("SPIFFE ID must not contain a query or fragment")
-            raise SpiffeIdError(
-                f"trust domain has a character outside [a-z0-9-._]: {ch!r}"
-            )
+            raise SpiffeIdError(f"trust domain has a character outside [a-z0-9-._]: {ch!r}")
 
 
 def _check_path(path: str) -> None:
@@ -87,9 +83,7 @@ def _check_path(path: str) -> None:
                     raise SpiffeIdError("path must not be percent-encoded")
                 if ch in "?#":
                     raise SpiffeIdError("SPIFFE ID must not contain a query or fragment")
-                raise SpiffeIdError(
-                    f"path has a character outside [a-zA-Z0-9-._]: {ch!r}"
-                )
+                raise SpiffeIdError(f"path has a character outside [a-zA-Z0-9-._]: {ch!r}")
 
 
 @dataclass(frozen=True, slots=True)
