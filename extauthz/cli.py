@@ -63,6 +63,23 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--limiter-max-keys", type=int, metavar="N", help="in-memory rate-limit state bound"
     )
+    p.add_argument(
+        "--rate-limit-backend",
+        metavar="KIND",
+        help="memory (per process, default) or redis (shared across replicas)",
+    )
+    p.add_argument("--redis-url", metavar="URL", help="redis://host:port/db for the shared limiter")
+    p.add_argument(
+        "--redis-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="per-check Redis deadline (default 0.02)",
+    )
+    p.add_argument(
+        "--redis-failure-mode",
+        metavar="MODE",
+        help="when Redis fails: closed (503, default), open (allow) or local",
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     p.add_argument(
         "--print-config", action="store_true", help="print the effective settings and exit"

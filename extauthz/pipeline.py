@@ -91,6 +91,10 @@ class Authorizer:
         self._clock = clock
         self._limiter = limiter
 
+    @property
+    def limiter(self) -> Limiter | None:
+        return self._limiter
+
     async def check(self, request: Request) -> CheckResult:
         policy = self._policy.current
         if policy is None:

@@ -32,6 +32,7 @@ from extauthz.pipeline import Authorizer, CheckResult, InProcessLimiter, Limiter
 from extauthz.policy_store import PolicyStore
 from extauthz.proto import ResponseOptions, to_request, to_response
 from extauthz.ratelimit import LocalLimiter
+from extauthz.redis_limiter import RedisLimiter
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 
 log = logging.getLogger("extauthz.server")
@@ -139,12 +140,23 @@ def build_app(
     )
     cache = DecisionCache(settings.cache_size, settings.cache_ttl, clock)
     if limiter is None:
-        limiter = InProcessLimiter(LocalLimiter(clock, settings.limiter_max_keys))
+        limiter = _limiter(settings, clock)
     authorizer = Authorizer(store, identity, cache, clock, limiter)
     servicer = AuthorizationServicer(
         authorizer, ResponseOptions(principal_header=settings.principal_header), observers
     )
     return App(settings, store, authorizer, servicer, health_aio.HealthServicer(), cache)
+
+
+def _limiter(settings: Settings, clock: Callable[[], float]) -> Limiter:
+    if settings.rate_limit_backend == "redis":
+        return RedisLimiter.from_url(
+            settings.redis_url,
+            timeout=settings.redis_timeout,
+            failure_mode=settings.redis_failure_mode,
+            fallback=LocalLimiter(clock, settings.limiter_max_keys),
+        )
+    return InProcessLimiter(LocalLimiter(clock, settings.limiter_max_keys))
 
 
 async def _set_health(app: App, serving: bool) -> None:
@@ -196,6 +208,16 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
         ),
         server,
     )
+    limiter = app.authorizer.limiter
+    load_script = getattr(limiter, "load_script", None)
+    if load_script is not None:
+        try:
+            await asyncio.wait_for(load_script(), timeout=2.0)
+        except Exception as exc:  # the failure mode covers checks; say so at start-up
+            log.warning(
+                "rate-limit backend unreachable at start-up",
+                extra={"event": "limiter_unavailable", "error": repr(exc)},
+            )
     bound = _bind(server, settings)
     await server.start()
     for addr in settings.listen:
@@ -227,6 +249,9 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
         log.info("draining", extra={"event": "draining", "grace_period": settings.grace_period})
         await _set_health(app, False)
         await server.stop(settings.grace_period)
+        close = getattr(limiter, "aclose", None)
+        if close is not None:
+            await close()
         for addr in settings.listen:
             if addr.startswith("unix:"):
                 with contextlib.suppress(FileNotFoundError):

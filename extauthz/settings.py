@@ -32,6 +32,12 @@ class Settings:
     trust_domains: tuple[str, ...] = ()
     principal_header: str = "x-extauthz-principal"
     limiter_max_keys: int = 100_000
+    # Rate-limit state: "memory" (per process) or "redis" (shared, exact across replicas).
+    rate_limit_backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout: float = 0.02
+    # When Redis is down or slow: "closed" (503), "open" (allow), "local" (per-process limits).
+    redis_failure_mode: str = "closed"
     log_level: str = "info"
     identity: Mapping[str, Any] = field(default_factory=dict)
 
@@ -125,6 +131,16 @@ def _validate(s: Settings) -> None:
         raise SettingsError("listen: at least one address is required")
     for addr in s.listen:
         parse_listen_address(addr)
+    if s.rate_limit_backend not in ("memory", "redis"):
+        raise SettingsError(
+            f"rate_limit_backend: must be memory or redis, not {s.rate_limit_backend!r}"
+        )
+    if s.redis_failure_mode not in ("closed", "open", "local"):
+        raise SettingsError(
+            f"redis_failure_mode: must be closed, open or local, not {s.redis_failure_mode!r}"
+        )
+    if s.redis_timeout <= 0:
+        raise SettingsError("redis_timeout: must be greater than 0")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(
             f"log_level: must be debug, info, warning or error, not {s.log_level!r}"
