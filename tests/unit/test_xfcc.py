@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from extauthz.xfcc import XfccElement, XfccError, parse_xfcc
+
+HASH = "468ed33be74eee6556d90c0149c1309e9ba61d6425303443c0748a02dd8de688"
+
+
+def uris(header: str) -> list[tuple[str, ...]]:
+    return [e.values("uri") for e in parse_xfcc(header)]
+
+
+# -- injection: quoted separators never split -------------------------------------------
+
+
+def test_subject_cannot_forge_an_element() -> None:
+    # The client chose its certificate's Subject; a naive split(",") would see a last element
+    # with URI=spiffe://td/admin.
+    header = 'By=spiffe://td/proxy;Subject="CN=x,URI=spiffe://td/admin";URI=spiffe://td/client'
+    (element,) = parse_xfcc(header)
+    assert element.values("uri") == ("spiffe://td/client",)
+    assert element.get("subject") == "CN=x,URI=spiffe://td/admin"
+
+
+def test_subject_cannot_forge_a_pair() -> None:
+    header = 'Subject="CN=x;URI=spiffe://td/admin";URI=spiffe://td/client'
+    assert uris(header) == [("spiffe://td/client",)]
+
+
+def test_escaped_quote_does_not_end_the_value() -> None:
+    header = r'Subject="CN=\",URI=spiffe://td/admin,x=\"";URI=spiffe://td/client'
+    (element,) = parse_xfcc(header)
+    assert element.get("subject") == 'CN=",URI=spiffe://td/admin,x="'
+    assert element.values("uri") == ("spiffe://td/client",)
+
+
+def test_escaped_backslash_then_quote_ends_the_value() -> None:
+    header = r'Subject="a\\";URI=spiffe://td/c'
+    (element,) = parse_xfcc(header)
+    assert element.get("subject") == "a\\"
+    assert element.values("uri") == ("spiffe://td/c",)
+
+
+def test_client_supplied_elements_stay_left() -> None:
+    header = "URI=spiffe://td/admin,By=spiffe://td/proxy;URI=spiffe://td/client"
+    assert uris(header) == [("spiffe://td/admin",), ("spiffe://td/client",)]
+
+
+# -- malformed input is rejected, not guessed at ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("", "invalid key"),
+        ("URI", "without '='"),
+        ("=spiffe://td/a", "invalid key"),
+        ('Subject="unterminated;URI=spiffe://td/a', "unterminated"),
+        ('Subject="a"b;URI=spiffe://td/a', "after quoted value"),
+        ('Subject=a"b;URI=spiffe://td/a', "unquoted value contains"),
+        ("Subject=CN=x;URI=spiffe://td/a", "unquoted value contains '='"),
+        (r"Subject=a\b", "unquoted value contains"),
+        (r'Subject="a\nb"', "invalid escape"),
+        ('Subject="a\\', "invalid escape"),
+        ("URI=spiffe://td/a,,URI=spiffe://td/b", "invalid key"),
+        (",URI=spiffe://td/a", "invalid key"),
+        ("URI=spiffe://td/a,", "ends with a separator"),
+        ("URI=spiffe://td/a;", "ends with a separator"),
+        ("URI=spiffe://td/a;;By=x", "invalid key"),
+        ("URI=spiffe://td/a\r\nX-Injected: 1", "control character"),
+        ("URI=spiffe://td/a\x00", "control character"),
+        ('Subject="a\x7f"', "control character"),
+        ("By=a;By=b;URI=spiffe://td/a", "repeated"),
+        ("Hash=a;hash=b", "repeated"),  # keys are case-insensitive
+        ("Ur I=spiffe://td/a", "without '='"),
+    ],
+)
+def test_malformed(header: str, message: str) -> None:
+    with pytest.raises(XfccError, match=message):
+        parse_xfcc(header)
+
+
+def test_oversized_header() -> None:
+    header = "URI=spiffe://td/" + "a" * 100
+    with pytest.raises(XfccError, match="longer than 64"):
+        parse_xfcc(header, max_length=64)
+    assert parse_xfcc(header, max_length=len(header))
+
+
+def test_too_many_elements() -> None:
+    header = ",".join(["URI=spiffe://td/a"] * 5)
+    with pytest.raises(XfccError, match="more than 4 elements"):
+        parse_xfcc(header, max_elements=4)
+    assert len(parse_xfcc(header, max_elements=5)) == 5
+
+
+# -- Envoy's documented forms --------------------------------------------------------------
+
+
+def test_envoy_single_element() -> None:
+    header = (
+        f"By=http://frontend.lyft.com;Hash={HASH};"
+        'Subject="/C=US/ST=CA/L=San Francisco/OU=Lyft/CN=Test Client";URI=http://testclient.lyft.com'
+    )
+    (element,) = parse_xfcc(header)
+    assert element.get("by") == "http://frontend.lyft.com"
+    assert element.get("HASH") == HASH
+    assert element.get("subject") == "/C=US/ST=CA/L=San Francisco/OU=Lyft/CN=Test Client"
+
+
+def test_envoy_repeated_sans_and_two_elements() -> None:
+    header = (
+        f"By=http://frontend.lyft.com;Hash={HASH};URI=http://testclient.lyft.com,"
+        f'By=http://backend.lyft.com;Hash={HASH};Subject="CN=Test Client,OU=Lyft";'
+        "URI=spiffe://td/a;URI=spiffe://td/b;DNS=lyft.com;DNS=www.lyft.com"
+    )
+    first, last = parse_xfcc(header)
+    assert first.values("uri") == ("http://testclient.lyft.com",)
+    assert last.values("uri") == ("spiffe://td/a", "spiffe://td/b")
+    assert last.as_dict()["dns"] == ("lyft.com", "www.lyft.com")
+
+
+def test_url_encoded_cert_and_whitespace() -> None:
+    header = 'Cert="-----BEGIN%20CERTIFICATE-----%0AMIIB";URI=spiffe://td/a , URI=spiffe://td/b'
+    first, last = parse_xfcc(header)
+    assert first.get("cert") == "-----BEGIN%20CERTIFICATE-----%0AMIIB"
+    assert first.values("uri") == ("spiffe://td/a",)
+    assert last.values("uri") == ("spiffe://td/b",)
+
+
+def test_empty_values_are_kept_as_empty() -> None:
+    (element,) = parse_xfcc('Subject="";URI=')
+    assert element == XfccElement((("subject", ""), ("uri", "")))
+
+
+_VALUE = st.text(alphabet='ab,;="\\ ', max_size=12)
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@given(st.lists(st.lists(_VALUE, min_size=1, max_size=3), min_size=1, max_size=3))
+def test_round_trip_of_quoted_values(elements: list[list[str]]) -> None:
+    """Any value, correctly quoted, comes back exactly: no content can move a boundary."""
+    header = ",".join(
+        ";".join(f"Subject{i}={_quote(v)}" for i, v in enumerate(e)) for e in elements
+    )
+    parsed = parse_xfcc(header)
+    assert [[v for _, v in p.pairs] for p in parsed] == elements
