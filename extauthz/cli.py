@@ -64,6 +64,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--limiter-max-keys", type=int, metavar="N", help="in-memory rate-limit state bound"
     )
     p.add_argument(
+        "--revocation-file",
+        metavar="FILE",
+        help="YAML list of revoked principals/token ids, re-read on change",
+    )
+    p.add_argument(
         "--rate-limit-backend",
         metavar="KIND",
         help="memory (per process, default) or redis (shared across replicas)",

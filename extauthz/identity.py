@@ -314,7 +314,10 @@ class IdentityResolver:
             else:
                 raise ValueError(f"jwt issuer {issuer.issuer!r}: no jwks_file or jwks_url")
             cache = JwksCache(
-                fetch, name=issuer.issuer, refresh_interval=issuer.jwks_refresh_interval
+                fetch,
+                name=issuer.issuer,
+                refresh_interval=issuer.jwks_refresh_interval,
+                cooldown=issuer.jwks_cooldown,
             )
             providers[issuer.issuer] = cache
             owned.append(cache)

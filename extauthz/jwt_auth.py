@@ -97,6 +97,8 @@ class JwtIssuerConfig:
     jwks_file: str = ""
     jwks_url: str = ""
     jwks_refresh_interval: float = 300.0
+    # Least time between two fetches caused by tokens with a kid we do not have yet.
+    jwks_cooldown: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.issuer:
@@ -118,6 +120,11 @@ class JwtIssuerConfig:
             raise ValueError(f"jwt issuer {self.issuer!r}: 'leeway' must be within 0..300 s")
         if self.max_lifetime <= 0:
             raise ValueError(f"jwt issuer {self.issuer!r}: 'max_lifetime' must be positive")
+        if self.jwks_cooldown < 0 or self.jwks_refresh_interval <= 0:
+            raise ValueError(
+                f"jwt issuer {self.issuer!r}: jwks_cooldown must be >= 0 and "
+                "jwks_refresh_interval > 0"
+            )
         if self.jwks_file and self.jwks_url:
             raise ValueError(f"jwt issuer {self.issuer!r}: set jwks_file or jwks_url, not both")
         if self.jwks_url and not self.jwks_url.startswith("https://"):

@@ -95,6 +95,16 @@ class Authorizer:
     def limiter(self) -> Limiter | None:
         return self._limiter
 
+    @property
+    def identity(self) -> IdentityResolver:
+        return self._identity
+
+    @identity.setter
+    def identity(self, resolver: IdentityResolver) -> None:
+        """Swap the resolver (e.g. a new revocation list); one attribute write, so a check
+        in flight uses either the old or the new one, never a mix."""
+        self._identity = resolver
+
     async def check(self, request: Request) -> CheckResult:
         policy = self._policy.current
         if policy is None:
@@ -140,11 +150,15 @@ class Authorizer:
                 )
             )
         # The issuer is part of the key: two JWT issuers may hand out the same `sub`.
-        key = (found.principal, found.source, found.issuer, method, host, path, policy.version)
+        # The key part holds the issuer and every header/claim value (and the minute, for
+        # time conditions) that the rules of this host read: see CompiledPolicy.cache_key_part.
+        key = (found.principal, found.source, method, host, path, policy.version,
+               policy.cache_key_part(host, request.headers, found, now))
         decision = self._cache.get(key)
         cache_hit = decision is not None
         if decision is None:
-            decision = policy.evaluate(found, host, method, path).decision
+            decision = policy.evaluate(found, host, method, path, headers=request.headers,
+                                       now=now).decision
             self._cache.put(key, decision)
         if not decision.allowed or self._limiter is None:
             return CheckResult(decision, cache_hit)

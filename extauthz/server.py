@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from extauthz.policy_store import PolicyStore
 from extauthz.proto import ResponseOptions, to_request, to_response
 from extauthz.ratelimit import LocalLimiter
 from extauthz.redis_limiter import RedisLimiter
+from extauthz.revocation import RevocationError, fingerprint, load_revocations
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 
 log = logging.getLogger("extauthz.server")
@@ -124,6 +126,11 @@ class App:
     servicer: AuthorizationServicer
     health: health_aio.HealthServicer
     cache: DecisionCache
+    identity_config: IdentityConfig
+    # The resolver built at start-up: it owns the JWKS caches and their refresher threads.
+    identity_root: IdentityResolver
+    revocation_version: str = ""
+    revocation_failures: int = 0
 
 
 def build_app(
@@ -135,9 +142,8 @@ def build_app(
     if settings.policy is None:
         raise SettingsError("policy: a policy directory is required (--policy DIR)")
     store = PolicyStore(settings.policy)
-    identity = IdentityResolver.from_config(
-        IdentityConfig(trust_domains=frozenset(settings.trust_domains))
-    )
+    identity_config = identity_config_from(settings)
+    identity = IdentityResolver.from_config(identity_config)
     cache = DecisionCache(settings.cache_size, settings.cache_ttl, clock)
     if limiter is None:
         limiter = _limiter(settings, clock)
@@ -145,7 +151,64 @@ def build_app(
     servicer = AuthorizationServicer(
         authorizer, ResponseOptions(principal_header=settings.principal_header), observers
     )
-    return App(settings, store, authorizer, servicer, health_aio.HealthServicer(), cache)
+    return App(
+        settings,
+        store,
+        authorizer,
+        servicer,
+        health_aio.HealthServicer(),
+        cache,
+        identity_config,
+        identity,
+    )
+
+
+def identity_config_from(settings: Settings) -> IdentityConfig:
+    try:
+        config = IdentityConfig.from_mapping(settings.identity)
+        if settings.trust_domains:
+            domains = config.trust_domains | frozenset(settings.trust_domains)
+            config = dataclasses.replace(config, trust_domains=domains)
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(f"identity: {exc}") from None
+    return config
+
+
+def apply_revocations(app: App) -> bool:
+    """Re-read the revocation file and swap in a resolver that enforces it. The JWKS caches
+    of the first resolver are shared, so no key set is refetched. A bad file keeps the
+    previous list (never an empty one)."""
+    path = app.settings.revocation_file
+    if path is None:
+        return True
+    try:
+        revoked = load_revocations(path)
+    except RevocationError as exc:
+        app.revocation_failures += 1
+        log.error(
+            "revocation reload failed; keeping the previous list",
+            extra={"event": "revocation_reload_failed", "error": str(exc)},
+        )
+        return False
+    base = app.identity_config
+    config = dataclasses.replace(
+        base,
+        revoked_principals=base.revoked_principals | revoked.principals,
+        revoked_token_ids=base.revoked_token_ids | revoked.token_ids,
+    )
+    keys = {cache.name: cache for cache in app.identity_root.key_caches}
+    app.authorizer.identity = IdentityResolver.from_config(config, keys=keys)
+    app.revocation_version = revoked.version
+    log.info(
+        "revocation list loaded",
+        extra={
+            "event": "revocations_loaded",
+            "version": revoked.version,
+            "principals": len(revoked.principals),
+            "token_ids": len(revoked.token_ids),
+        },
+    )
+    return True
 
 
 def _limiter(settings: Settings, clock: Callable[[], float]) -> Limiter:
@@ -197,6 +260,15 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
     settings = app.settings
     if not app.store.reload():
         raise SettingsError(f"policy: cannot load {settings.policy}: {app.store.last_error}")
+    if settings.revocation_file is not None and not apply_revocations(app):
+        raise SettingsError(f"revocation_file: cannot load {settings.revocation_file}")
+    if not await asyncio.to_thread(app.identity_root.start):
+        # Checks with tokens from that issuer fail closed until its keys load; mTLS callers
+        # keep working, so this is not a reason to stay NOT_SERVING.
+        log.warning(
+            "some JWT signing keys could not be loaded at start-up",
+            extra={"event": "jwks_unavailable"},
+        )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     ea_grpc.add_AuthorizationServicer_to_server(app.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
@@ -249,6 +321,7 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
         log.info("draining", extra={"event": "draining", "grace_period": settings.grace_period})
         await _set_health(app, False)
         await server.stop(settings.grace_period)
+        app.identity_root.stop()
         close = getattr(limiter, "aclose", None)
         if close is not None:
             await close()
@@ -265,6 +338,8 @@ async def _watch(app: App, reload_now: asyncio.Event) -> None:
     ConfigMap symlink swaps, which inotify-style watchers often miss)."""
     interval = app.settings.watch_interval
     seen = await asyncio.to_thread(app.store.fingerprint)
+    revocation_file = app.settings.revocation_file
+    seen_revoked = fingerprint(revocation_file) if revocation_file else ""
     while True:
         try:
             if interval > 0:
@@ -279,3 +354,8 @@ async def _watch(app: App, reload_now: asyncio.Event) -> None:
         if forced or current != seen:
             seen = current
             await asyncio.to_thread(app.store.reload)
+        if revocation_file is not None:
+            revoked_now = await asyncio.to_thread(fingerprint, revocation_file)
+            if forced or revoked_now != seen_revoked:
+                seen_revoked = revoked_now
+                await asyncio.to_thread(apply_revocations, app)

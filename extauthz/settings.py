@@ -40,6 +40,13 @@ class Settings:
     redis_failure_mode: str = "closed"
     log_level: str = "info"
     identity: Mapping[str, Any] = field(default_factory=dict)
+    # Observability (issue 7; see docs/observability.md).
+    decision_log: str = "stdout"  # stdout | none | PATH (appended to; reopened on rotation)
+    decision_log_sample_allowed: float = 1.0  # share of allowed decisions logged (0..1)
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; "" = no metrics
+    tracing: bool = True  # spans per check (OTEL_* env configures the SDK)
+    # YAML list of revoked principals / token ids, re-read on change like the policy.
+    revocation_file: Path | None = None
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -58,7 +65,7 @@ class Settings:
 def _coerce(name: str, raw: object, origin: str) -> object:
     default = Settings.__dataclass_fields__[name].default
     try:
-        if name == "policy":
+        if name in ("policy", "revocation_file"):
             return Path(str(raw))
         if name == "identity":
             if not isinstance(raw, Mapping):
