@@ -33,6 +33,8 @@ class Reason(StrEnum):
     DENIED_BY_RULE = "denied_by_rule"
     MALFORMED_REQUEST = "malformed_request"
     AMBIGUOUS_PATH = "ambiguous_path"
+    # A method-override header names another method than the request's (never honoured).
+    METHOD_OVERRIDE = "method_override"
     RATE_LIMITED = "rate_limited"
     POLICY_NOT_LOADED = "policy_not_loaded"
     INTERNAL_ERROR = "internal_error"

@@ -8,7 +8,8 @@ The rule (documented in docs/policy.md):
    an encoded `/` (`%2F`), `\\` (`%5C`), NUL, a control character or a malformed escape is
    ambiguous; every other escape is kept, with uppercase hex.
 5. Runs of `/` are merged; `.` and `..` segments are resolved; `..` above the root is
-   ambiguous.
+   ambiguous. A `.` or `..` segment carrying path parameters (`..;x`, `.;`) is ambiguous:
+   servers that strip `;params` (Tomcat, Jetty) would resolve it where this rule could not.
 6. Case and a trailing slash are kept: `/a/` is not `/a` for an exact rule.
 
 Ambiguous paths are denied before any rule is consulted. Normalizing is idempotent.
@@ -38,10 +39,13 @@ def normalize_path(raw: str) -> str | None:
             return None
         path = decoded
     for ch in path:
-        if ch <= " " or ch == "\x7f" or ch == "\\":
+        if ch <= " " or ch in "\x7f\\":
             return None
     if "//" not in path and "/." not in path:
         return path  # the common case: already canonical
+    if ";" in path and any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")
+                           if ";" in seg):
+        return None
     segments = path.split("/")[1:]
     out: list[str] = []
     for seg in segments:

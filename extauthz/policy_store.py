@@ -13,10 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from extauthz.matcher import CompiledPolicy, compile_policy
-from extauthz.policy import PolicyDocument, PolicyError, parse_document
+from extauthz.policy import PolicyDocument, PolicyError, load_yaml, parse_document
 
 log = logging.getLogger("extauthz.policy")
 
@@ -76,19 +74,12 @@ def version_of(directory: Path, files: list[LoadedFile]) -> str:
 
 
 def parse_files(directory: Path, files: list[LoadedFile]) -> list[PolicyDocument]:
-    docs = []
-    for f in files:
-        source = str(f.path.relative_to(directory))
-        try:
-            data = yaml.safe_load(f.text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else None
-            raise PolicyError(source, "", f"invalid YAML: {getattr(exc, 'problem', exc)}", line) from None
-        except UnicodeDecodeError:
-            raise PolicyError(source, "", "file is not UTF-8 text") from None
-        docs.append(parse_document(data, source))
-    return docs
+    return [parse_document(load_yaml(f.text, _source(directory, f)), _source(directory, f))
+            for f in files]
+
+
+def _source(directory: Path, f: LoadedFile) -> str:
+    return str(f.path.relative_to(directory))
 
 
 def load_policy(directory: Path) -> CompiledPolicy:

@@ -48,3 +48,56 @@ def test_normalizing_is_idempotent(parts: list[str]) -> None:
     once = normalize_path("/" + "/".join(parts))
     if once is not None:
         assert normalize_path(once) == once
+
+
+# --- attacks: every variant either normalizes to the canonical form or is denied ----------
+
+
+def test_path_parameters_on_dot_segments_are_ambiguous() -> None:
+    # Tomcat/Jetty strip `;params` and then resolve `..`: /v1/public/..;/admin is /v1/admin there.
+    for raw in ("/v1/public/..;/admin", "/v1/public/..;x=1/admin", "/v1/.;/admin",
+                "/v1/public/%2e%2e;/admin", "/v1/public/.%2E;/admin", "/a/..;"):
+        assert normalize_path(raw) is None, raw
+    assert normalize_path("/v1/items;v=2/x") == "/v1/items;v=2/x"  # ordinary params are kept
+
+
+def test_mixed_case_and_partially_encoded_dot_segments_resolve() -> None:
+    for raw in ("/v1/public/%2E%2e/admin", "/v1/public/.%2e/admin", "/v1/public/%2e./admin",
+                "/v1/public/%2E/../admin", "/v1//public/..//admin"):
+        assert normalize_path(raw) == "/v1/admin", raw
+
+
+def test_double_encoding_is_not_decoded_twice() -> None:
+    # %252F is a literal "%2F" text after one decode: never a slash, never the same as /a/b.
+    assert normalize_path("/a%252Fb") == "/a%252Fb"
+    assert normalize_path("/a/%252e%252e/b") == "/a/%252e%252e/b"
+
+
+def test_encoded_query_and_fragment_marks_stay_in_the_path() -> None:
+    assert normalize_path("/v1/admin%3F.json") == "/v1/admin%3F.json"
+    assert normalize_path("/v1/admin%23x") == "/v1/admin%23x"
+    assert normalize_path("/v1/public?x=/../../admin#/../admin") == "/v1/public"
+
+
+def test_non_ascii_escapes_and_overlong_utf8_are_kept_encoded() -> None:
+    assert normalize_path("/a/%c0%ae%c0%ae/b") == "/a/%C0%AE%C0%AE/b"  # never decoded to ..
+    assert normalize_path("/a/%u002e%u002e/b") is None  # IIS-style %u escapes are malformed
+
+
+def test_overlong_paths_are_ambiguous() -> None:
+    assert normalize_path("/" + "a" * 9000) is None
+
+
+_ATTACK = st.sampled_from(
+    ["a", "b", "v1", "admin", "public", ".", "..", "", "%2e", "%2E%2e", ".%2e", "%41", "%2F",
+     "%5C", "\\", "..;", ".;x", "a;b", "%00", " ", "%252e", "~", "A", "%7e", "?", "#", "%3F"]
+)
+
+
+@given(st.lists(_ATTACK, max_size=10))
+def test_normalizing_is_idempotent_over_attack_alphabet(parts: list[str]) -> None:
+    once = normalize_path("/" + "/".join(parts))
+    if once is not None:
+        assert normalize_path(once) == once
+        assert "//" not in once and "/./" not in once and "/../" not in once
+        assert not once.endswith(("/.", "/.."))

@@ -1,0 +1,102 @@
+"""Path tricks through the whole check (normalize, then match): no variant of a path reaches
+a rule its canonical form does not; the only other outcome is an ambiguous-path denial."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extauthz.explain import Probe, decide
+from extauthz.matcher import CompiledPolicy
+from extauthz.model import Reason
+
+from .policy_fixtures import CART, CHECKOUT, compiled
+
+HOST = "orders.mesh.local"
+POLICY: CompiledPolicy = compiled([
+    {"name": "public", "methods": ["GET"], "path_prefix": "/v1/public", "allow": ["shop"]},
+    {"name": "admin", "path_prefix": "/v1/admin", "allow": ["checkout"]},
+    {"name": "no-cart-admin", "path_prefix": "/v1/admin", "deny": [CART]},
+    {"name": "order", "methods": ["GET"], "path": "/v1/orders/{id}", "allow": ["shop"]},
+    {"name": "report", "methods": ["GET"], "path_regex": "^/v1/reports/[0-9]+$", "allow": ["shop"]},
+])
+BASES = ["/v1/public/a", "/v1/admin/users", "/v1/orders/42", "/v1/reports/7", "/v1/other"]
+
+
+def answer(path: str, principal: str = CART) -> tuple[Reason, str]:
+    d, _ = decide(POLICY, Probe(principal, "GET", path, HOST))
+    return d.reason, d.rule
+
+
+def test_classic_traversals_cannot_climb_from_public_into_admin() -> None:
+    for raw in ("/v1/public/../admin/users", "/v1/public/%2e%2e/admin/users",
+                "/v1/public/.%2E/admin/users", "//v1//public//..//admin//users",
+                "/v1/public/./../admin/users"):
+        assert answer(raw) == (Reason.DENIED_BY_RULE, "no-cart-admin"), raw
+    for raw in ("/v1/public/..%2Fadmin/users", "/v1/public/..%5Cadmin", "/v1/public/..\\admin",
+                "/v1/public/..;/admin/users", "/v1/public/%2e%2e;/admin", "/v1/public/%00/../admin"):
+        assert answer(raw)[0] is Reason.AMBIGUOUS_PATH, raw
+
+
+def test_query_and_fragment_cannot_smuggle_a_path() -> None:
+    assert answer("/v1/public/a?/../../admin/users") == (Reason.ALLOWED, "public")
+    assert answer("/v1/public/a#/../../admin") == (Reason.ALLOWED, "public")
+    assert answer("/v1/admin%3F/../public/a")[0] is Reason.ALLOWED  # %3F is a literal char
+
+
+def test_case_and_trailing_slash_are_significant() -> None:
+    assert answer("/V1/ADMIN/users")[0] is Reason.NO_MATCHING_RULE  # not admin, not allowed
+    assert answer("/v1/admin/")[1] == "no-cart-admin"  # a prefix covers the trailing slash
+    assert answer("/v1/orders/42/")[0] is Reason.NO_MATCHING_RULE  # a template does not
+
+
+def test_template_and_regex_see_only_the_normalized_path() -> None:
+    assert answer("/v1/orders/x/../42") == (Reason.ALLOWED, "order")
+    assert answer("/v1/orders/%34%32") == (Reason.ALLOWED, "order")  # %34%32 is "42"
+    assert answer("/v1/reports/%37") == (Reason.ALLOWED, "report")
+    assert answer("/v1/reports/7%0a")[0] is Reason.AMBIGUOUS_PATH
+    assert answer("/v1/orders/42/../../admin/x") == (Reason.DENIED_BY_RULE, "no-cart-admin")
+
+
+def _encode(seg: str, upper: bool) -> str:
+    return "".join(f"%{ord(c):02{'X' if upper else 'x'}}" if c.isalnum() else c for c in seg)
+
+
+@st.composite
+def variants(draw: st.DrawFn) -> tuple[str, str]:
+    base = draw(st.sampled_from(BASES))
+    segs = base.split("/")[1:]
+    out: list[str] = []
+    for seg in segs:
+        for _ in range(draw(st.integers(0, 2))):
+            out.append(draw(st.sampled_from([".", "%2e", "", "junk/..", "x/%2E%2e", "a/b/../.."])))
+        out.append(_encode(seg, draw(st.booleans())) if draw(st.booleans()) else seg)
+    path = "/" + "/".join(out)
+    path += draw(st.sampled_from(["", "?x=/../../admin", "#/../admin", "?a#b"]))
+    return base, path
+
+
+_POISON = st.sampled_from(["%2F", "%2f", "%5C", "\\", "..;", ".;x", "%00", "%0A", " ", "%zz"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(variants(), st.sampled_from([CART, CHECKOUT]))
+def test_equivalent_variants_get_the_canonical_answer(pair: tuple[str, str], who: str) -> None:
+    base, variant = pair
+    assert answer(variant, who) == answer(base, who), variant
+
+
+@settings(max_examples=200, deadline=None)
+@given(variants(), _POISON, st.integers(0, 10), st.sampled_from([CART, CHECKOUT]))
+def test_poisoned_variants_get_the_canonical_answer_or_are_ambiguous(
+        pair: tuple[str, str], poison: str, at: int, who: str) -> None:
+    _, variant = pair
+    head, sep, tail = variant.partition("?")
+    cut = min(at, len(head) - 1) + 1
+    poisoned = head[:cut] + poison + head[cut:] + sep + tail
+    reason, rule = answer(poisoned, who)
+    if reason is not Reason.AMBIGUOUS_PATH:
+        # Still a valid path: whatever it reaches, its own canonical form reaches too.
+        from extauthz.paths import normalize_path
+
+        canonical = normalize_path(poisoned)
+        assert canonical is not None
+        assert (reason, rule) == answer(canonical, who), poisoned
