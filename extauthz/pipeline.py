@@ -15,6 +15,13 @@ from extauthz.cache import DecisionCache
 from extauthz.identity import IdentityResolver, www_authenticate
 from extauthz.matcher import CompiledPolicy
 from extauthz.model import Decision, Identity, IdentityFailure, Outcome, Reason, Request
+from extauthz.network_policy import (
+    ConnectionTable,
+    compile_connections,
+    connection_rules,
+    destination_port,
+    principal_ids,
+)
 from extauthz.paths import normalize_path
 from extauthz.policy import METHODS, LimitDecl
 from extauthz.ratelimit import (
@@ -90,6 +97,8 @@ class Authorizer:
         self._cache = cache
         self._clock = clock
         self._limiter = limiter
+        # Connection rules (network ext_authz) compiled for the policy they were built from.
+        self._connections: tuple[CompiledPolicy, ConnectionTable] | None = None
 
     @property
     def limiter(self) -> Limiter | None:
@@ -116,15 +125,9 @@ class Authorizer:
         if not isinstance(found, Identity):
             return CheckResult(_unauthenticated(found, policy.version))
         if not request.is_http:
-            return CheckResult(
-                Decision(
-                    Outcome.FORBIDDEN,
-                    Reason.MALFORMED_REQUEST,
-                    "the check has no HTTP attributes",
-                    identity=found,
-                    policy_version=policy.version,
-                )
-            )
+            # Envoy's network (TCP) ext_authz filter: one check per connection, by identity,
+            # destination port and SNI only (see network_policy.py).
+            return CheckResult(self._connection(policy, found, request))
         method = request.method
         if method not in METHODS:
             return CheckResult(
@@ -149,7 +152,6 @@ class Authorizer:
                     policy_version=policy.version,
                 )
             )
-        # The issuer is part of the key: two JWT issuers may hand out the same `sub`.
         # The key part holds the issuer and every header/claim value (and the minute, for
         # time conditions) that the rules of this host read: see CompiledPolicy.cache_key_part.
         key = (found.principal, found.source, method, host, path, policy.version,
@@ -163,6 +165,24 @@ class Authorizer:
         if not decision.allowed or self._limiter is None:
             return CheckResult(decision, cache_hit)
         return await self._apply_limits(policy, decision, cache_hit)
+
+    def _connection(self, policy: CompiledPolicy, identity: Identity, request: Request) -> Decision:
+        compiled = self._connections
+        if compiled is None or compiled[0] is not policy:
+            table = compile_connections(
+                connection_rules(policy.documents), principal_ids(policy.principals)
+            )
+            self._connections = compiled = (policy, table)
+        port = destination_port(request.context_extensions)
+        if not port:
+            return Decision(
+                Outcome.FORBIDDEN,
+                Reason.MALFORMED_REQUEST,
+                "the check has no HTTP attributes and no destination port",
+                identity=identity,
+                policy_version=policy.version,
+            )
+        return compiled[1].evaluate(identity, port, request.host, policy.version)
 
     async def _apply_limits(
         self, policy: CompiledPolicy, decision: Decision, cache_hit: bool

@@ -10,12 +10,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import attribute_context_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from extauthz.model import Decision, Outcome, Request
+from extauthz.network_policy import DESTINATION_ADDRESS, DESTINATION_PORT
 
 METADATA_PRINCIPAL = "principal"
 REASON_HEADER = "x-extauthz-reason"
@@ -47,12 +49,7 @@ def to_request(check: ea.CheckRequest) -> Request:
     source = attrs.source
     request = attrs.request
     if not request.HasField("http"):
-        return Request(
-            source_principal=source.principal,
-            peer_certificate=source.certificate,
-            is_http=False,
-            context_extensions=attrs.context_extensions,
-        )
+        return _network_request(attrs)
     http = request.http
     headers: Mapping[str, str] = http.headers
     if not headers and http.header_map.headers:
@@ -78,6 +75,43 @@ def _raw_headers(entries: Iterable[base_pb2.HeaderValue]) -> dict[str, str]:
         key = h.key.lower()
         headers[key] = f"{headers[key]},{value}" if key in headers else value
     return headers
+
+
+def _network_request(attrs: attribute_context_pb2.AttributeContext) -> Request:
+    """A check from Envoy's network (TCP) ext_authz filter: no HTTP attributes, one per
+    connection. What identifies the service is where the connection arrived (the listener's
+    port) and the TLS SNI the caller asked for; both come from Envoy, and are carried as the
+    request's host (SNI) and the `destination_port` / `destination_address` context values
+    (the network filter sends no context_extensions of its own)."""
+    source = attrs.source
+    dest = attrs.destination.address.socket_address
+    context = dict(attrs.context_extensions)
+    if dest.port_value:
+        context[DESTINATION_PORT] = str(dest.port_value)
+        context[DESTINATION_ADDRESS] = dest.address
+    return Request(
+        host=attrs.tls_session.sni if attrs.HasField("tls_session") else "",
+        source_principal=source.principal,
+        peer_certificate=source.certificate,
+        source_address=source.address.socket_address.address,
+        is_http=False,
+        context_extensions=context,
+    )
+
+
+def is_network_check(request: Request) -> bool:
+    """A check from the network ext_authz filter (no HTTP attributes, a destination port); a
+    check that is neither HTTP nor that keeps getting HTTP-shaped denials."""
+    return not request.is_http and DESTINATION_PORT in request.context_extensions
+
+
+def to_network_response(decision: Decision) -> ea.CheckResponse:
+    """The answer to a network check: OK or a denial code, no HTTP response. Envoy closes a
+    denied connection; the dynamic metadata (principal, rule, ...) reaches its access log."""
+    return ea.CheckResponse(
+        status=status_pb2.Status(code=_GRPC_CODE[decision.outcome]),
+        dynamic_metadata=_metadata(decision),
+    )
 
 
 def _header(key: str, value: str) -> base_pb2.HeaderValueOption:

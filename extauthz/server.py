@@ -27,11 +27,18 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from extauthz.cache import DecisionCache
+from extauthz.grpc_tls import ClientIdentityInterceptor, TlsConfig
 from extauthz.identity import IdentityConfig, IdentityResolver
 from extauthz.model import Decision, Outcome, Reason, Request
 from extauthz.pipeline import Authorizer, CheckResult, InProcessLimiter, Limiter
 from extauthz.policy_store import PolicyStore
-from extauthz.proto import ResponseOptions, to_request, to_response
+from extauthz.proto import (
+    ResponseOptions,
+    is_network_check,
+    to_network_response,
+    to_request,
+    to_response,
+)
 from extauthz.ratelimit import LocalLimiter
 from extauthz.redis_limiter import RedisLimiter
 from extauthz.revocation import RevocationError, fingerprint, load_revocations
@@ -96,7 +103,10 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
         try:
             request = to_request(check)
             result = await self._authorizer.check(request)
-            response = self._respond(result)
+            if is_network_check(request):  # network ext_authz: a status, no HTTP response
+                response = to_network_response(result.decision)
+            else:
+                response = self._respond(result)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -232,7 +242,7 @@ async def _set_health(app: App, serving: bool) -> None:
         await app.health.set(service, status)
 
 
-def _bind(server: grpc.aio.Server, settings: Settings) -> list[str]:
+def _bind(server: grpc.aio.Server, settings: Settings, tls: TlsConfig | None = None) -> list[str]:
     bound = []
     for addr in settings.listen:
         host, where = parse_listen_address(addr)
@@ -248,7 +258,10 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> list[str]:
                 os.umask(previous)
             bound.append(addr)
         else:
-            port = server.add_insecure_port(addr)
+            if tls is not None:  # mutual TLS on TCP; unix sockets rely on their file mode
+                port = server.add_secure_port(addr, tls.server_credentials())
+            else:
+                port = server.add_insecure_port(addr)
             if port == 0:
                 raise SettingsError(f"listen: cannot bind {addr}")
             bound.append(f"{host}:{port}")
@@ -269,7 +282,11 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
             "some JWT signing keys could not be loaded at start-up",
             extra={"event": "jwks_unavailable"},
         )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    tls = TlsConfig.from_settings(settings)
+    server = grpc.aio.server(
+        interceptors=[ClientIdentityInterceptor(tls)] if tls is not None else None,
+        options=[("grpc.so_reuseport", 1)],
+    )
     ea_grpc.add_AuthorizationServicer_to_server(app.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_server_reflection(
@@ -290,7 +307,7 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
                 "rate-limit backend unreachable at start-up",
                 extra={"event": "limiter_unavailable", "error": repr(exc)},
             )
-    bound = _bind(server, settings)
+    bound = _bind(server, settings, tls)
     await server.start()
     for addr in settings.listen:
         if addr.startswith("unix:"):

@@ -47,6 +47,12 @@ class Settings:
     tracing: bool = True  # spans per check (OTEL_* env configures the SDK)
     # YAML list of revoked principals / token ids, re-read on change like the policy.
     revocation_file: Path | None = None
+    # Mutual TLS on the TCP listeners (see grpc_tls.py): server certificate and key, the CA of
+    # the clients' certificates, and the SPIFFE IDs / patterns that may call. All or none.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_allowed_clients: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
