@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from extauthz import __version__
 from extauthz.matcher import CompiledPolicy
-from extauthz.model import Reason, Request
+from extauthz.model import Identity, Reason, Request
 from extauthz.pipeline import CheckResult
 from extauthz.settings import SettingsError, parse_listen_address
 
@@ -44,8 +44,20 @@ log = logging.getLogger("extauthz.metrics")
 
 # Seconds. A check is tens of microseconds when cached, a few ms with a remote limiter.
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
 )
 NO_IDENTITY = "none"
 UNDECLARED = "unknown"
@@ -80,7 +92,9 @@ class CheckMetrics:
         self._policies = policies
         self._names.clear()
 
-    def principal_name(self, principal: str) -> str:
+    def principal_name(self, principal: str, identity: Identity | None = None) -> str:
+        """The declared name of a caller (bounded label set). JWT principals are declared by
+        issuer and subject, so their memo key carries the issuer too."""
         if not principal:
             return NO_IDENTITY
         policy = self._policies.current if self._policies is not None else None
@@ -89,12 +103,17 @@ class CheckMetrics:
         if policy.version != self._names_version:
             self._names.clear()
             self._names_version = policy.version
-        name = self._names.get(principal)
+        key = (
+            f"{identity.issuer}\0{principal}"
+            if identity is not None and identity.issuer
+            else principal
+        )
+        name = self._names.get(key)
         if name is None:
-            decl = policy.declared_principal(principal)
+            decl = policy.declared_principal(identity if identity is not None else principal)
             name = decl.name if decl is not None else UNDECLARED
             if len(self._names) < MAX_REMEMBERED_PRINCIPALS:
-                self._names[principal] = name
+                self._names[key] = name
         return name
 
     def observe(self, request: Request | None, result: CheckResult, seconds: float) -> None:
@@ -105,8 +124,11 @@ class CheckMetrics:
         checks = self.checks
         checks[key] = checks.get(key, 0) + 1
         identity = decision.identity
-        pkey = (self.principal_name(identity.principal if identity is not None else ""),
-                verdict, reason)
+        pkey = (
+            self.principal_name(identity.principal if identity is not None else "", identity),
+            verdict,
+            reason,
+        )
         by_principal = self.by_principal
         by_principal[pkey] = by_principal.get(pkey, 0) + 1
         counts = self.latency.get(verdict)
@@ -159,33 +181,51 @@ class ExtauthzCollector(Collector):
         if s.decision_log is not None:
             dl = s.decision_log
             lines = CounterMetricFamily(
-                "extauthz_decision_log_lines", "Decision-log lines by outcome: written, "
+                "extauthz_decision_log_lines",
+                "Decision-log lines by outcome: written, "
                 "dropped (queue full), sampled_out (allowed decisions not sampled), "
-                "write_error", labels=["result"])
-            for result, value in (("written", dl.written), ("dropped", dl.dropped),
-                                  ("sampled_out", dl.sampled_out),
-                                  ("write_error", dl.write_errors)):
+                "write_error",
+                labels=["result"],
+            )
+            for result, value in (
+                ("written", dl.written),
+                ("dropped", dl.dropped),
+                ("sampled_out", dl.sampled_out),
+                ("write_error", dl.write_errors),
+            ):
                 lines.add_metric([result], value)
             yield lines
-            yield _gauge("extauthz_decision_log_queue", "Decision-log lines waiting to be "
-                         "written", dl.queued)
-            yield _counter("extauthz_decision_log_reopens", "Times the decision-log file was "
-                           "reopened (rotation)", dl.reopens)
+            yield _gauge(
+                "extauthz_decision_log_queue", "Decision-log lines waiting to be written", dl.queued
+            )
+            yield _counter(
+                "extauthz_decision_log_reopens",
+                "Times the decision-log file was reopened (rotation)",
+                dl.reopens,
+            )
         if s.span_processor is not None:
             sp = s.span_processor
             spans = CounterMetricFamily(
-                "extauthz_trace_spans", "Sampled spans by outcome: exported, dropped (queue "
-                "full), export_failed", labels=["result"])
-            for result, value in (("exported", sp.exported), ("dropped", sp.dropped),
-                                  ("export_failed", sp.export_failures)):
+                "extauthz_trace_spans",
+                "Sampled spans by outcome: exported, dropped (queue full), export_failed",
+                labels=["result"],
+            )
+            for result, value in (
+                ("exported", sp.exported),
+                ("dropped", sp.dropped),
+                ("export_failed", sp.export_failures),
+            ):
                 spans.add_metric([result], value)
             yield spans
             yield _gauge("extauthz_trace_queue", "Spans waiting to be exported", sp.queued)
 
 
 def _check_metrics(m: CheckMetrics) -> Iterator[Metric]:
-    checks = CounterMetricFamily("extauthz_checks", "Checks by decision, HTTP status and reason",
-                                 labels=["decision", "status", "reason"])
+    checks = CounterMetricFamily(
+        "extauthz_checks",
+        "Checks by decision, HTTP status and reason",
+        labels=["decision", "status", "reason"],
+    )
     rate_limited = 0
     for (verdict, status, reason), value in list(m.checks.items()):
         checks.add_metric([verdict, str(status), reason], value)
@@ -193,20 +233,30 @@ def _check_metrics(m: CheckMetrics) -> Iterator[Metric]:
             rate_limited += value
     yield checks
     yield _counter("extauthz_rate_limited", "Checks denied by a rate limit (429)", rate_limited)
-    yield _counter("extauthz_ratelimit_backend_errors", "Checks for which the shared limiter "
-                   "did not answer (fail-open or fail-closed)", m.ratelimit_backend_errors)
-    yield _counter("extauthz_ratelimit_degraded", "Checks answered by the local fallback "
-                   "limiter because the shared one failed", m.ratelimit_degraded)
+    yield _counter(
+        "extauthz_ratelimit_backend_errors",
+        "Checks for which the shared limiter did not answer (fail-open or fail-closed)",
+        m.ratelimit_backend_errors,
+    )
+    yield _counter(
+        "extauthz_ratelimit_degraded",
+        "Checks answered by the local fallback limiter because the shared one failed",
+        m.ratelimit_degraded,
+    )
     principals = CounterMetricFamily(
-        "extauthz_principal_checks", "Checks by declared principal name (unknown: a verified "
+        "extauthz_principal_checks",
+        "Checks by declared principal name (unknown: a verified "
         "identity the policy does not declare; none: no identity), decision and reason",
-        labels=["principal", "decision", "reason"])
+        labels=["principal", "decision", "reason"],
+    )
     for (name, verdict, reason), value in list(m.by_principal.items()):
         principals.add_metric([name, verdict, reason], value)
     yield principals
-    hist = HistogramMetricFamily("extauthz_check_duration_seconds",
-                                 "Time from CheckRequest to CheckResponse inside extauthz",
-                                 labels=["decision"])
+    hist = HistogramMetricFamily(
+        "extauthz_check_duration_seconds",
+        "Time from CheckRequest to CheckResponse inside extauthz",
+        labels=["decision"],
+    )
     for verdict, counts in list(m.latency.items()):
         snapshot = list(counts)
         cumulative = 0
@@ -226,33 +276,46 @@ def _app_metrics(app: Any) -> Iterator[Metric]:
     yield _gauge("extauthz_decision_cache_capacity", "Decision cache size bound", cache.maxsize)
     store = app.store
     yield _counter("extauthz_policy_reloads", "Policy versions swapped in", store.reloads)
-    yield _counter("extauthz_policy_reload_failures", "Policy reloads that failed (the "
-                   "previous version kept serving)", store.reload_failures)
+    yield _counter(
+        "extauthz_policy_reload_failures",
+        "Policy reloads that failed (the previous version kept serving)",
+        store.reload_failures,
+    )
     policy = store.current
     yield _gauge("extauthz_policy_loaded", "1 when a policy is loaded", 1 if policy else 0)
     if policy is not None:
-        version = GaugeMetricFamily("extauthz_policy_info", "The serving policy version",
-                                    labels=["version"])
+        version = GaugeMetricFamily(
+            "extauthz_policy_info", "The serving policy version", labels=["version"]
+        )
         version.add_metric([policy.version], 1)
         yield version
         yield _gauge("extauthz_policy_rules", "Rules in the serving policy", len(policy.rules))
-        yield _gauge("extauthz_policy_principals", "Principals declared by the serving policy",
-                     len(policy.principals))
+        yield _gauge(
+            "extauthz_policy_principals",
+            "Principals declared by the serving policy",
+            len(policy.principals),
+        )
     stats = getattr(getattr(app, "servicer", None), "stats", None)
     if stats is not None:
-        yield _counter("extauthz_check_errors", "Checks that failed unexpectedly (answered 503 "
-                       "internal_error)", stats.errors)
+        yield _counter(
+            "extauthz_check_errors",
+            "Checks that failed unexpectedly (answered 503 internal_error)",
+            stats.errors,
+        )
 
 
 def _jwks_metrics(caches: list[Any]) -> Iterator[Metric]:
     if not caches:
         return
-    fetches = CounterMetricFamily("extauthz_jwks_fetches", "JWKS fetch attempts by issuer",
-                                  labels=["issuer"])
-    ready = GaugeMetricFamily("extauthz_jwks_ready", "1 while an issuer's keys are usable",
-                              labels=["issuer"])
-    failures = CounterMetricFamily("extauthz_jwks_fetch_failures", "JWKS fetches that failed",
-                                   labels=["issuer"])
+    fetches = CounterMetricFamily(
+        "extauthz_jwks_fetches", "JWKS fetch attempts by issuer", labels=["issuer"]
+    )
+    ready = GaugeMetricFamily(
+        "extauthz_jwks_ready", "1 while an issuer's keys are usable", labels=["issuer"]
+    )
+    failures = CounterMetricFamily(
+        "extauthz_jwks_fetch_failures", "JWKS fetches that failed", labels=["issuer"]
+    )
     any_failures = False
     for cache in caches:
         name = str(cache.name)
@@ -305,8 +368,9 @@ def start_metrics_server(listen: str, registry: CollectorRegistry) -> MetricsSer
     try:
         httpd, _thread = start_http_server(int(port), addr=host, registry=registry)
     except OSError as exc:
-        raise SettingsError(f"metrics_listen: cannot bind {listen}: {exc.strerror or exc}") \
-            from None
+        raise SettingsError(
+            f"metrics_listen: cannot bind {listen}: {exc.strerror or exc}"
+        ) from None
     bound_port = httpd.server_port
     address = f"{host}:{bound_port}" if ":" not in host else f"[{host}]:{bound_port}"
     log.info("metrics serving", extra={"event": "metrics_serving", "address": address})

@@ -190,7 +190,7 @@ class Authorizer:
         assert self._limiter is not None
         principal = decision.principal
         items: list[tuple[str, Limit]] = []
-        declared = policy.declared_principal(principal)
+        declared = policy.declared_principal(decision.identity or principal)
         if declared is not None and declared.limit is not None:
             items.append((principal_key(principal), _limit(declared.limit)))
         if decision.rule:

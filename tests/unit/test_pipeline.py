@@ -3,7 +3,7 @@ import asyncio
 from extauthz.cache import DecisionCache
 from extauthz.identity import IdentityConfig, IdentityResolver
 from extauthz.matcher import CompiledPolicy
-from extauthz.model import Outcome, Reason, Request
+from extauthz.model import Identity, IdentitySource, Outcome, Reason, Request
 from extauthz.pipeline import Authorizer, CheckResult, InProcessLimiter, normalize_host
 from extauthz.ratelimit import LocalLimiter
 
@@ -150,3 +150,31 @@ def test_per_principal_limit_applies_across_rules() -> None:
     answers = [check(authz, path=f"/v1/orders/{i}").decision.outcome.http_status for i in range(5)]
     assert answers == [200, 200, 200, 429, 429]
     assert check(authz, principal=BILLING).decision.allowed  # isolated from checkout
+
+
+class _FixedIdentity:
+    def __init__(self, identity: Identity) -> None:
+        self._identity = identity
+
+    def resolve(self, request: Request, now: float) -> Identity:
+        return self._identity
+
+
+def test_limits_of_jwt_principals_apply_by_issuer_and_subject() -> None:
+    from extauthz.matcher import compile_policy
+    from extauthz.policy import parse_document
+
+    from .policy_fixtures import doc
+
+    policy = compile_policy([parse_document(doc(
+        [{"name": "read", "methods": ["GET"], "path_prefix": "/v1", "allow": ["batch"]}],
+        principals=[{"name": "batch", "jwt": {"issuer": "https://idp", "subject": "batch-job"},
+                     "limit": {"rate": 1, "period": "60s", "burst": 1}}],
+    ), "t.yaml")], "v1")
+    clock = Clock()
+    caller = Identity("batch-job", IdentitySource.JWT, "", issuer="https://idp", subject="batch-job")
+    authz = Authorizer(Holder(policy), _FixedIdentity(caller), DecisionCache(10, 60, clock),  # type: ignore[arg-type]
+                       clock, InProcessLimiter(LocalLimiter(clock, 100)))
+    answers = [asyncio.run(authz.check(Request(method="GET", host=HOST, path="/v1/x"))).decision.outcome.http_status
+               for _ in range(2)]
+    assert answers == [200, 429]
