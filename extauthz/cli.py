@@ -87,13 +87,44 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     p.add_argument(
+        "--decision-log",
+        metavar="DEST",
+        help="one JSON line per decision to stdout (default), a file PATH, or none",
+    )
+    p.add_argument(
+        "--decision-log-sample-allowed",
+        type=float,
+        metavar="RATE",
+        help="share of allowed decisions logged, 0..1 (default 1); denials always logged",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    p.add_argument(
+        "--tracing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a span per check, configured by the standard OTEL_* variables (default on)",
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="serve mutual TLS on TCP: certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="...its private key")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="...CA of the callers' certificates")
+    p.add_argument(
+        "--tls-allowed-clients",
+        metavar="LIST",
+        help="...comma-separated SPIFFE IDs/patterns that may call (e.g. the Envoys')",
+    )
+    p.add_argument(
         "--print-config", action="store_true", help="print the effective settings and exit"
     )
 
 
 # Further subcommands live in their own modules, each exposing `register(sub)` that adds a
 # parser with `set_defaults(run=callable(args) -> int)`. Add a module name here to enable it.
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("extauthz.cli_policy", "extauthz.cli_doctor", "extauthz.cli_envoy",
+                             "extauthz.cli_review")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--service", default="", help="health service name ('' = overall)")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    health.add_argument("--tls-ca", metavar="FILE", help="probe over TLS, trusting this CA")
+    health.add_argument("--tls-cert", metavar="FILE", help="client certificate for --tls-ca")
+    health.add_argument("--tls-key", metavar="FILE", help="its private key")
+    health.add_argument("--tls-server-name", metavar="NAME", help="expected server name")
     health.set_defaults(run=_health)
 
     import importlib
@@ -153,22 +188,43 @@ def _serve(args: argparse.Namespace) -> int:
         print(json.dumps(settings.describe(), indent=2, sort_keys=True))
         return 0
     logs.configure(settings.log_level)
+    from extauthz.observability import build_observers
     from extauthz.server import build_app, serve
 
     try:
-        app = build_app(settings)
+        obs = build_observers(settings)
+    except SettingsError as exc:
+        print(f"extauthz serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        app = build_app(settings, observers=obs.observers)
+        obs.attach(app)
         return _run(serve(app))
     except SettingsError as exc:
         print(f"extauthz serve: {exc}", file=sys.stderr)
         return 2
+    finally:
+        obs.close()
 
 
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if not args.tls_ca:
+        channel = grpc.insecure_channel(args.address)
+    else:
+        from extauthz.grpc_tls import channel_credentials
+
+        creds = channel_credentials(
+            Path(args.tls_ca).read_bytes(),
+            Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+            Path(args.tls_key).read_bytes() if args.tls_key else None,
+        )
+        name = [("grpc.ssl_target_name_override", args.tls_server_name)]
+        channel = grpc.secure_channel(args.address, creds, name if args.tls_server_name else None)
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
