@@ -85,6 +85,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="MODE",
         help="when Redis fails: closed (503, default), open (allow) or local",
     )
+    p.add_argument(
+        "--ratelimit-budget-headers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tell the upstream the caller's remaining rate-limit budget (default off)",
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     p.add_argument(
         "--decision-log",
@@ -123,8 +129,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 # Further subcommands live in their own modules, each exposing `register(sub)` that adds a
 # parser with `set_defaults(run=callable(args) -> int)`. Add a module name here to enable it.
-COMMANDS: tuple[str, ...] = ("extauthz.cli_policy", "extauthz.cli_doctor", "extauthz.cli_envoy",
-                             "extauthz.cli_review")
+COMMANDS: tuple[str, ...] = (
+    "extauthz.cli_policy",
+    "extauthz.cli_doctor",
+    "extauthz.cli_envoy",
+    "extauthz.cli_review",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,9 @@ class ResponseOptions:
     principal_header: str = "x-extauthz-principal"
     # Headers a caller must never be able to set itself; removed on every allowed request.
     strip_headers: tuple[str, ...] = ("x-extauthz-principal", "x-extauthz-rule")
+    # Tell the upstream how much of the caller's rate-limit budget is left
+    # (`ratelimit-limit/-remaining/-reset` on the upstream request) when a limit applied.
+    budget_headers: bool = False
 
 
 def to_request(check: ea.CheckRequest) -> Request:

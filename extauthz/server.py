@@ -39,7 +39,7 @@ from extauthz.proto import (
     to_request,
     to_response,
 )
-from extauthz.ratelimit import LocalLimiter
+from extauthz.ratelimit import LocalLimiter, rate_limit_headers
 from extauthz.redis_limiter import RedisLimiter
 from extauthz.revocation import RevocationError, fingerprint, load_revocations
 from extauthz.settings import Settings, SettingsError, parse_listen_address
@@ -85,6 +85,8 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
 
     def _respond(self, result: CheckResult) -> ea.CheckResponse:
         decision = result.decision
+        if self._options.budget_headers and result.limit is not None and decision.allowed:
+            return to_response(decision, self._options, rate_limit_headers(result.limit))
         if not result.shared:
             return to_response(decision, self._options)
         memo = self._responses.get(id(decision))
@@ -159,7 +161,12 @@ def build_app(
         limiter = _limiter(settings, clock)
     authorizer = Authorizer(store, identity, cache, clock, limiter)
     servicer = AuthorizationServicer(
-        authorizer, ResponseOptions(principal_header=settings.principal_header), observers
+        authorizer,
+        ResponseOptions(
+            principal_header=settings.principal_header,
+            budget_headers=settings.ratelimit_budget_headers,
+        ),
+        observers,
     )
     return App(
         settings,

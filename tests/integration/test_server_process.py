@@ -211,3 +211,21 @@ def test_reload_swaps_policy_and_a_broken_version_keeps_the_old_one(policy_dir: 
         still = call(srv.target, req)
         assert still.dynamic_metadata["policy_version"] == good_version
         assert srv.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_budget_headers_reach_the_upstream_only_when_enabled(policy_dir: Path, tmp_path: Path) -> None:
+    with running_server(policy_dir, tmp_path) as srv:
+        plain = {h.header.key for h in call(srv.target, request()).ok_response.headers}
+        assert "ratelimit-remaining" not in plain
+    with running_server(policy_dir, tmp_path, extra=["--ratelimit-budget-headers"]) as srv:
+        first = {h.header.key: h.header.value for h in call(srv.target, request()).ok_response.headers}
+        second = {h.header.key: h.header.value for h in call(srv.target, request()).ok_response.headers}
+        # checkout: burst 50 in policy/orders.yaml; each allowed call spends one
+        assert first["ratelimit-limit"] == "50"
+        assert int(second["ratelimit-remaining"]) == int(first["ratelimit-remaining"]) - 1
+        unlimited = call(srv.target, request(principal=BILLING))  # no limit declared: no headers
+        assert "ratelimit-remaining" not in {h.header.key for h in unlimited.ok_response.headers}
+    env = {"EXTAUTHZ_RATELIMIT_BUDGET_HEADERS": "maybe"}
+    out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policy", "x", "--print-config"],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "must be true or false" in out.stderr

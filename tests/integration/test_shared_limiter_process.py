@@ -1,4 +1,4 @@
-"""Two real server processes sharing one real Redis enforce a single per-principal limit."""
+"""Three real server processes sharing one real Redis enforce a single per-principal limit."""
 
 from __future__ import annotations
 
@@ -41,13 +41,18 @@ def _status(target: str) -> int:
     return 200 if resp.HasField("ok_response") else int(resp.denied_response.status.code)
 
 
-def test_two_replicas_share_one_budget_through_redis(redis_url: str, tmp_path: Path) -> None:
+def test_three_replicas_share_one_budget_through_redis(redis_url: str, tmp_path: Path) -> None:
     policy = tmp_path / "policy"
     policy.mkdir()
     (policy / "orders.yaml").write_text(LIMITED_POLICY)
     args = ["--rate-limit-backend", "redis", "--redis-url", redis_url, "--redis-timeout", "0.5"]
-    with running_server(policy, tmp_path, extra=args) as a, running_server(policy, tmp_path, extra=args) as b:
-        answers = [_status(a.target if i % 2 else b.target) for i in range(30)]
+    with (
+        running_server(policy, tmp_path, extra=args) as a,
+        running_server(policy, tmp_path, extra=args) as b,
+        running_server(policy, tmp_path, extra=args) as c,
+    ):
+        targets = [a.target, b.target, c.target]
+        answers = [_status(targets[i % 3]) for i in range(30)]
     assert answers.count(200) == 20, answers  # one budget, not one per replica
     assert answers[:20] == [200] * 20 and set(answers[20:]) == {429}
 
