@@ -37,6 +37,8 @@ class Reason(StrEnum):
     METHOD_OVERRIDE = "method_override"
     RATE_LIMITED = "rate_limited"
     POLICY_NOT_LOADED = "policy_not_loaded"
+    # The rate-limit backend (Redis) failed and the failure mode is `closed`: a 503, not a 429.
+    RATELIMIT_UNAVAILABLE = "ratelimit_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 

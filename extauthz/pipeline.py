@@ -154,13 +154,21 @@ class Authorizer:
             )
         # The key part holds the issuer and every header/claim value (and the minute, for
         # time conditions) that the rules of this host read: see CompiledPolicy.cache_key_part.
-        key = (found.principal, found.source, method, host, path, policy.version,
-               policy.cache_key_part(host, request.headers, found, now))
+        key = (
+            found.principal,
+            found.source,
+            method,
+            host,
+            path,
+            policy.version,
+            policy.cache_key_part(host, request.headers, found, now),
+        )
         decision = self._cache.get(key)
         cache_hit = decision is not None
         if decision is None:
-            decision = policy.evaluate(found, host, method, path, headers=request.headers,
-                                       now=now).decision
+            decision = policy.evaluate(
+                found, host, method, path, headers=request.headers, now=now
+            ).decision
             self._cache.put(key, decision)
         if not decision.allowed or self._limiter is None:
             return CheckResult(decision, cache_hit)
@@ -205,8 +213,9 @@ class Authorizer:
                 replace(
                     decision,
                     outcome=Outcome.UNAVAILABLE,
-                    reason=Reason.INTERNAL_ERROR,
+                    reason=Reason.RATELIMIT_UNAVAILABLE,
                     detail="rate-limit backend unavailable",
+                    headers=rate_limit_headers(result),
                 ),
                 cache_hit,
                 result,

@@ -31,13 +31,17 @@ rules:
 """
 
 
-def _status(target: str) -> int:
+def _check(target: str) -> ea.CheckResponse:
     req = ea.CheckRequest()
     req.attributes.source.principal = CHECKOUT
     http = req.attributes.request.http
     http.method, http.host, http.path = "GET", "orders.mesh.local", "/v1/orders/1"
     with grpc.insecure_channel(target) as ch:
-        resp = ea_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+        return ea_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+
+
+def _status(target: str) -> int:
+    resp = _check(target)
     return 200 if resp.HasField("ok_response") else int(resp.denied_response.status.code)
 
 
@@ -63,5 +67,8 @@ def test_redis_down_fail_closed_answers_503_not_429(tmp_path: Path) -> None:
     args = ["--rate-limit-backend", "redis", "--redis-url", "redis://127.0.0.1:1/0",
             "--redis-failure-mode", "closed"]
     with running_server(policy, tmp_path, extra=args) as srv:
-        assert _status(srv.target) == 503
+        resp = _check(srv.target)
+        headers = {h.header.key: h.header.value for h in resp.denied_response.headers}
+        assert (resp.denied_response.status.code, resp.status.code) == (503, 14)
+        assert headers["x-extauthz-reason"] == "ratelimit_unavailable" and headers["retry-after"] == "1"
         assert "limiter_unavailable" in srv.log()
