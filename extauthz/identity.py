@@ -268,6 +268,10 @@ class JwtSource:
     def __init__(self, verifier: JwtVerifier) -> None:
         self._verifier = verifier
 
+    @property
+    def header(self) -> str:
+        return self._verifier.header
+
     def resolve(
         self, request: Request, now: float, notes: list[str]
     ) -> Identity | IdentityFailure | None:
@@ -277,30 +281,65 @@ class JwtSource:
                 return None
             return self._verifier.verify(token, now)
         except JwtError as exc:
-            return _fail(exc.reason, exc.detail, IdentitySource.JWT)
+            return IdentityFailure(exc.reason, exc.detail, IdentitySource.JWT, exc.presented)
+
+
+# Entries of the per-resolver memo of certificate-less mTLS answers (see IdentityResolver).
+PRINCIPAL_MEMO_SIZE = 1024
 
 
 class IdentityResolver:
+    """Runs the sources in order. See the module docstring.
+
+    Hot path: a request with a principal, no peer certificate and none of the headers a
+    source reads (XFCC, the JWT header) is answered from the principal alone — the answer then
+    depends only on that string and on this resolver's fixed configuration (trust domains,
+    revocations, require_peer_certificate), never on time or other request fields. Such answers
+    are memoized in a small bounded dict (FIFO eviction). A new revocation list means a new
+    resolver, hence a new, empty memo. The memo is only used when every source is one of the
+    built-in ones, whose behaviour in that case is known.
+    """
+
     def __init__(
         self,
         sources: Iterable[Source],
         config: IdentityConfig | None = None,
         key_caches: Iterable[JwksCache] = (),
+        *,
+        memo_size: int = PRINCIPAL_MEMO_SIZE,
     ) -> None:
         self._sources = tuple(sources)
         self._config = config if config is not None else IdentityConfig()
         self.key_caches = tuple(key_caches)
         names = {s.name for s in self._sources}
         self._xfcc_disabled = "xfcc" not in names
+        # Headers whose presence means the answer may depend on more than the principal.
+        watched = {self._config.xfcc_header}
+        for source in self._sources:
+            if isinstance(source, JwtSource):
+                watched.add(source.header)
+        self._watched = tuple(watched)
+        builtin = all(isinstance(s, MtlsSource | XfccSource | JwtSource) for s in self._sources)
+        self._memo_size = memo_size if builtin else 0
+        self._memo: dict[str, Identity | IdentityFailure | None] = {}
 
     @classmethod
     def from_config(
-        cls, config: IdentityConfig, *, keys: Mapping[str, KeyProvider] | None = None
+        cls,
+        config: IdentityConfig,
+        *,
+        keys: Mapping[str, KeyProvider] | None = None,
+        memo_size: int = PRINCIPAL_MEMO_SIZE,
     ) -> IdentityResolver:
         """Build the sources. JWKS caches not injected via `keys` are created here, unloaded:
         call `start()` to load them and run their refreshers (until then JWTs fail closed)."""
         # Imported here: fetching keys is edge I/O (urllib, ssl), kept out of the pure core.
-        from extauthz.jwks import JwksCache, file_fetcher, https_fetcher  # noqa: PLC0415
+        from extauthz.jwks import (  # noqa: PLC0415
+            JwksCache,
+            discovery_fetcher,
+            file_fetcher,
+            https_fetcher,
+        )
 
         providers: dict[str, KeyProvider] = dict(keys or {})
         owned: list[JwksCache] = []
@@ -310,14 +349,19 @@ class IdentityResolver:
             if issuer.jwks_file:
                 fetch = file_fetcher(issuer.jwks_file)
             elif issuer.jwks_url:
-                fetch = https_fetcher(issuer.jwks_url)
+                fetch = https_fetcher(issuer.jwks_url, timeout=issuer.jwks_timeout)
+            elif issuer.oidc_discovery:
+                fetch = discovery_fetcher(issuer.issuer, timeout=issuer.jwks_timeout)
             else:
-                raise ValueError(f"jwt issuer {issuer.issuer!r}: no jwks_file or jwks_url")
+                raise ValueError(
+                    f"jwt issuer {issuer.issuer!r}: no jwks_file, jwks_url or oidc_discovery"
+                )
             cache = JwksCache(
                 fetch,
                 name=issuer.issuer,
                 refresh_interval=issuer.jwks_refresh_interval,
                 cooldown=issuer.jwks_cooldown,
+                stale_ttl=issuer.jwks_max_stale,
             )
             providers[issuer.issuer] = cache
             owned.append(cache)
@@ -336,7 +380,7 @@ class IdentityResolver:
             )
             available["jwt"] = JwtSource(verifier)
         sources = [available[name] for name in config.order if name in available]
-        return cls(sources, config, owned)
+        return cls(sources, config, owned, memo_size=memo_size)
 
     def start(self) -> bool:
         """Load every owned JWKS once (blocking, bounded by the fetch timeout), then start the
@@ -355,6 +399,13 @@ class IdentityResolver:
         return all(cache.ready for cache in self.key_caches)
 
     def resolve(self, request: Request, now: float) -> Identity | IdentityFailure | None:
+        if self._memo_size and not request.peer_certificate:
+            headers = request.headers
+            for name in self._watched:
+                if name in headers:
+                    break
+            else:
+                return self._principal_only(request, now)
         resolution = self.resolve_detailed(request, now)
         result = resolution.result
         if resolution.notes and isinstance(result, Identity):
@@ -362,20 +413,55 @@ class IdentityResolver:
             return replace(result, claims=MappingProxyType(claims))
         return result
 
+    def _principal_only(self, request: Request, now: float) -> Identity | IdentityFailure | None:
+        """`resolve()` for a request without certificate or watched headers (memoized)."""
+        principal = request.source_principal
+        memo = self._memo
+        try:
+            return memo[principal]
+        except KeyError:
+            pass
+        result = self._run_sources(request, now, [])
+        if len(principal) <= MAX_PRINCIPAL_LENGTH:
+            if len(memo) >= self._memo_size:
+                try:
+                    del memo[next(iter(memo))]
+                except (KeyError, RuntimeError, StopIteration):  # raced with another thread
+                    memo.clear()
+            memo[principal] = result
+        return result
+
     def resolve_detailed(self, request: Request, now: float) -> Resolution:
         notes: list[str] = []
+        result = self._run_sources(request, now, notes)
+        return Resolution(result, tuple(notes))
+
+    def _run_sources(
+        self, request: Request, now: float, notes: list[str]
+    ) -> Identity | IdentityFailure | None:
         if self._xfcc_disabled and self._config.xfcc_header in request.headers:
             notes.append(f"{self._config.xfcc_header} ignored: XFCC is not enabled")
         for source in self._sources:
             found = source.resolve(request, now, notes)
             if found is not None:
-                if isinstance(found, Identity):
-                    found = self._admit(found)
-                return Resolution(found, tuple(notes))
-        return Resolution(None, tuple(notes))
+                return self._admit(found, request) if isinstance(found, Identity) else found
+        return None
 
-    def _admit(self, identity: Identity) -> Identity | IdentityFailure:
+    def _admit(self, identity: Identity, request: Request) -> Identity | IdentityFailure:
         cfg = self._config
+        if (
+            identity.source is IdentitySource.JWT
+            and cfg.revoked_principals
+            and request.source_principal in cfg.revoked_principals
+        ):
+            # A revoked workload is cut off whatever credential it forwards (as a revoked
+            # XFCC proxy is): a stolen or still-valid token does not keep it in.
+            return IdentityFailure(
+                Reason.REVOKED,
+                "the forwarding peer is revoked",
+                IdentitySource.JWT,
+                presented=request.source_principal,
+            )
         if (
             cfg.trust_domains
             and identity.trust_domain
@@ -385,9 +471,12 @@ class IdentityResolver:
                 Reason.UNTRUSTED_TRUST_DOMAIN,
                 f"trust domain {identity.trust_domain!r} is not trusted",
                 identity.source,
+                presented=identity.principal,
             )
         if identity.principal in cfg.revoked_principals:
-            return IdentityFailure(Reason.REVOKED, "principal is revoked", identity.source)
+            return IdentityFailure(
+                Reason.REVOKED, "principal is revoked", identity.source, identity.principal
+            )
         return identity
 
 
@@ -400,9 +489,25 @@ def _quoted(text: str, limit: int = 200) -> str:
     return clean[:limit]
 
 
+# Certificate failures get their own challenge scheme: RFC 6750's Bearer/invalid_token would
+# tell the caller to fix a token it never sent. No registered HTTP authentication scheme covers
+# TLS client certificates, so this is a private one (RFC 9110 §11.1 allows any token).
+CERTIFICATE_SCHEME = "mTLS"
+_CERTIFICATE_SOURCES = frozenset({IdentitySource.MTLS, IdentitySource.XFCC})
+
+
 def www_authenticate(failure: IdentityFailure | None, realm: str = "extauthz") -> str:
-    """The `www-authenticate` value for a 401 (RFC 6750). Never echoes a token."""
-    value = f'Bearer realm="{_quoted(realm, 100)}"'
+    """The `www-authenticate` value for a 401. Never echoes a token.
+
+    No credential: a bare `Bearer realm="…"` (RFC 6750 §3.1: no error code). A bad token, or a
+    failure of unknown source: `Bearer realm="…", error="invalid_token", error_description="…"`.
+    A bad peer certificate or forwarded (XFCC) certificate:
+    `mTLS realm="…", error="invalid_certificate", error_description="…"`.
+    """
+    realm_value = f'realm="{_quoted(realm, 100)}"'
     if failure is None or failure.reason is Reason.NO_IDENTITY:
-        return value  # no credential presented: a bare challenge, no error code
-    return f'{value}, error="invalid_token", error_description="{_quoted(failure.detail)}"'
+        return f"Bearer {realm_value}"  # no credential presented: no error code
+    description = f'error_description="{_quoted(failure.detail)}"'
+    if failure.source in _CERTIFICATE_SOURCES:
+        return f'{CERTIFICATE_SCHEME} {realm_value}, error="invalid_certificate", {description}'
+    return f'Bearer {realm_value}, error="invalid_token", {description}'

@@ -29,7 +29,10 @@ from extauthz.jwt_auth import JwkKey, KeyProvider
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JwkKey", "JwksCache", "JwksError", "KeyProvider", "parse_jwks"]
+__all__ = [
+    "JwkKey", "JwksCache", "JwksError", "KeyProvider", "discovery_fetcher", "file_fetcher",
+    "https_fetcher", "parse_jwks",
+]  # fmt: skip
 
 MAX_JWKS_BYTES = 256 * 1024
 MAX_KEYS = 64
@@ -124,24 +127,74 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a redirect becomes an HTTPError: keys only from the configured URL
 
 
-def https_fetcher(
-    url: str, *, timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None
-) -> Fetch:
-    """Fetch over HTTPS only, with certificate verification, no redirects, bounded size."""
-    if not url.startswith("https://"):
-        raise JwksError("JWKS URL must use https://")
+DEFAULT_FETCH_TIMEOUT = 5.0
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+MAX_DISCOVERY_BYTES = 64 * 1024
+
+
+def _https_getter(
+    timeout: float, ssl_context: ssl.SSLContext | None
+) -> Callable[[str, int], bytes]:
     context = ssl_context if ssl_context is not None else ssl.create_default_context()
     opener = urllib.request.build_opener(
         urllib.request.HTTPSHandler(context=context), _NoRedirect()
     )
 
-    def fetch() -> bytes:
+    def get(url: str, limit: int) -> bytes:
+        if not url.startswith("https://"):
+            raise JwksError("JWKS URL must use https://")
         request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
         with opener.open(request, timeout=timeout) as resp:
-            data: bytes = resp.read(MAX_JWKS_BYTES + 1)
-        if len(data) > MAX_JWKS_BYTES:
-            raise JwksError("JWKS response is too large")
+            data: bytes = resp.read(limit + 1)
+        if len(data) > limit:
+            raise JwksError(f"response from {url} is too large")
         return data
+
+    return get
+
+
+def https_fetcher(
+    url: str,
+    *,
+    timeout: float = DEFAULT_FETCH_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Fetch:
+    """Fetch over HTTPS only, with certificate verification, no redirects, bounded size."""
+    if not url.startswith("https://"):
+        raise JwksError("JWKS URL must use https://")
+    get = _https_getter(timeout, ssl_context)
+    return lambda: get(url, MAX_JWKS_BYTES)
+
+
+def discovery_fetcher(
+    issuer: str,
+    *,
+    timeout: float = DEFAULT_FETCH_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Fetch:
+    """OIDC discovery: read `jwks_uri` from `<issuer>/.well-known/openid-configuration`, then
+    fetch that JWKS. Both over HTTPS with the same rules as `https_fetcher`. The document's
+    `issuer` must equal the configured issuer exactly (OpenID Connect Discovery 1.0 §4.3) and
+    `jwks_uri` must be https://. Discovery is redone on every refresh, so a moved `jwks_uri`
+    is followed; nothing a token names is ever fetched."""
+    if not issuer.startswith("https://"):
+        raise JwksError("OIDC discovery needs an https:// issuer")
+    url = issuer.rstrip("/") + DISCOVERY_PATH
+    get = _https_getter(timeout, ssl_context)
+
+    def fetch() -> bytes:
+        try:
+            meta = json.loads(get(url, MAX_DISCOVERY_BYTES))
+        except (ValueError, RecursionError) as exc:
+            raise JwksError(f"OIDC discovery document is not JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise JwksError("OIDC discovery document is not a JSON object")
+        if meta.get("issuer") != issuer:
+            raise JwksError("OIDC discovery document names another issuer")
+        jwks_uri = meta.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
+            raise JwksError("OIDC discovery document has no https:// jwks_uri")
+        return get(jwks_uri, MAX_JWKS_BYTES)
 
     return fetch
 
@@ -180,7 +233,9 @@ class JwksCache:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Counters for metrics (written by the refresher only): attempts, and failed attempts.
         self.fetch_count = 0
+        self.fetch_failures = 0
         self.last_error = ""
 
     # -- request path ---------------------------------------------------------------------
@@ -244,6 +299,7 @@ class JwksCache:
         except Exception as exc:  # any fetch/parse failure keeps the last good keys
             now = self._clock()
             with self._lock:
+                self.fetch_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._next_refresh = now + self.retry_interval
             log.warning("JWKS %s: refresh failed: %s", self.name, self.last_error)

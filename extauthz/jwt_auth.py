@@ -75,10 +75,13 @@ class KeyProvider(Protocol):
 class JwtError(Exception):
     """The token cannot be trusted. `reason` is the model Reason; `detail` never holds the token."""
 
-    def __init__(self, detail: str, reason: Reason = Reason.INVALID_IDENTITY) -> None:
+    def __init__(
+        self, detail: str, reason: Reason = Reason.INVALID_IDENTITY, presented: str = ""
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.reason = reason
+        self.presented = presented
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +99,16 @@ class JwtIssuerConfig:
     # Where the keys come from (one of them), unless a KeyProvider is injected for the issuer.
     jwks_file: str = ""
     jwks_url: str = ""
+    # OIDC discovery: the JWKS URL is read from `<issuer>/.well-known/openid-configuration`.
+    oidc_discovery: bool = False
     jwks_refresh_interval: float = 300.0
     # Least time between two fetches caused by tokens with a kid we do not have yet.
     jwks_cooldown: float = 30.0
+    # How long the last good keys keep serving after the last successful fetch when the
+    # endpoint fails; then every token of this issuer fails (closed) until a fetch succeeds.
+    jwks_max_stale: float = 24 * 3600.0
+    # Per-request timeout of an HTTPS fetch (the refresher thread's, never a request's).
+    jwks_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.issuer:
@@ -125,8 +135,17 @@ class JwtIssuerConfig:
                 f"jwt issuer {self.issuer!r}: jwks_cooldown must be >= 0 and "
                 "jwks_refresh_interval > 0"
             )
-        if self.jwks_file and self.jwks_url:
-            raise ValueError(f"jwt issuer {self.issuer!r}: set jwks_file or jwks_url, not both")
+        if sum(map(bool, (self.jwks_file, self.jwks_url, self.oidc_discovery))) > 1:
+            raise ValueError(
+                f"jwt issuer {self.issuer!r}: set one of jwks_file, jwks_url, oidc_discovery"
+            )
+        if self.oidc_discovery and not self.issuer.startswith("https://"):
+            raise ValueError(f"jwt issuer {self.issuer!r}: oidc_discovery needs an https issuer")
+        if self.jwks_max_stale <= 0 or not 0 < self.jwks_timeout <= 30:
+            raise ValueError(
+                f"jwt issuer {self.issuer!r}: jwks_max_stale must be > 0 and jwks_timeout "
+                "within (0, 30] s"
+            )
         if self.jwks_url and not self.jwks_url.startswith("https://"):
             raise ValueError(f"jwt issuer {self.issuer!r}: jwks_url must be https://")
         if self.jwt_svid:
@@ -198,7 +217,8 @@ class JwtVerifier:
     def verify(self, token: str, now: float) -> Identity:
         if len(token) > self.max_token_bytes:
             raise JwtError("token is too large")
-        digest = hashlib.sha256(token.encode("ascii", "replace")).digest()
+        # Exact bytes: a lossy encoding could make two different strings share a cache key.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         with self._lock:
             hit = self._cache.get(digest)
         if hit is not None:
@@ -281,6 +301,10 @@ class JwtVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > MAX_SUBJECT_LENGTH:
             raise JwtError("token has no usable 'sub'")
+        if not (sub.isascii() and sub.isprintable()) or sub != sub.strip():
+            # The subject becomes a header value and a log field: a validly signed CR/LF,
+            # NUL or non-ASCII subject must never reach either.
+            raise JwtError("token 'sub' must be printable ASCII without surrounding space")
         trust_domain = cfg.trust_domain
         if cfg.jwt_svid:
             try:
@@ -291,6 +315,7 @@ class JwtVerifier:
                 raise JwtError(
                     f"JWT-SVID trust domain {sid.trust_domain!r} does not belong to this issuer",
                     Reason.UNTRUSTED_TRUST_DOMAIN,
+                    presented=sub,
                 )
         elif sub[:7].lower() == "spiffe:":
             # Only JWT-SVID issuers may assert SPIFFE IDs; a plain IdP must not mint workloads.

@@ -2,7 +2,12 @@
 
 A second stack runs extauthz with an identity config: one JWT-SVID issuer whose keys come
 from a real local HTTPS JWKS server (trusted through SSL_CERT_FILE, as an operator with a
-private CA would), a revocation file, and fast policy/revocation polling.
+private CA would), a trusted proxy, a revocation file, and fast policy/revocation polling.
+
+Its Envoy forwards the caller's `x-forwarded-client-cert` unchanged (`FORWARD_ONLY`, what a
+service behind a trusted gateway needs, see docs/identity.md) instead of the generated
+config's `SANITIZE_SET`: otherwise Envoy itself would strip a forged header and these tests
+could not tell whether extauthz ignores it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from extauthz import devstack
 from extauthz.certs import CertificateAuthority, write_pem
 from extauthz.devstack import DevStack
 
@@ -30,6 +36,9 @@ pytestmark = pytest.mark.e2e
 
 ISSUER = "https://oidc.demo.local"
 AUDIENCE = "orders"
+GATEWAY = "spiffe://demo.local/ns/ingress/sa/gateway"
+ADMIN = "spiffe://demo.local/ns/ops/sa/admin"
+XFCC = "x-forwarded-client-cert"
 
 
 class Jwks:
@@ -105,7 +114,7 @@ def id_stack(tmp_path_factory: pytest.TempPathFactory, jwks: tuple[Jwks, str, Pa
     policy.mkdir()
     (policy / "orders.yaml").write_text(TEST_POLICY + "  - name: admin\n    methods: [GET]\n"
                                         "    path_prefix: /v1/admin\n"
-                                        "    allow: [spiffe://demo.local/ns/ops/sa/admin]\n")
+                                        f"    allow: [{ADMIN}]\n")
     revocations = work / "revoked.yaml"
     revocations.write_text("principals: []\n")
     config = work / "extauthz.yaml"
@@ -113,6 +122,7 @@ def id_stack(tmp_path_factory: pytest.TempPathFactory, jwks: tuple[Jwks, str, Pa
         "identity": {
             "trust_domains": [TRUST_DOMAIN],
             "require_peer_certificate": True,
+            "trusted_proxies": [GATEWAY],
             "jwt": {"issuers": [{
                 "issuer": ISSUER, "audiences": [AUDIENCE], "jwt_svid": True,
                 "trust_domain": TRUST_DOMAIN, "jwks_url": url, "jwks_cooldown": 0.5,
@@ -123,8 +133,21 @@ def id_stack(tmp_path_factory: pytest.TempPathFactory, jwks: tuple[Jwks, str, Pa
                      serve_args=["--config", str(config), "--revocation-file", str(revocations),
                                  "--watch-interval", "0.2"],
                      env={"SSL_CERT_FILE": str(ca_file)})
-    with stack:
+    render = devstack.render_yaml
+
+    def forward_only(*args: Any, **kwargs: Any) -> str:
+        text = render(*args, **kwargs)
+        sanitize = "forward_client_cert_details: SANITIZE_SET"
+        assert sanitize in text
+        return text.replace(sanitize, "forward_client_cert_details: FORWARD_ONLY")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(devstack, "render_yaml", forward_only)
+        stack.start()
+    try:
         yield stack, revocations
+    finally:
+        stack.stop()
     assert stack.exit_codes == {"envoy": 0, "extauthz": 0}, stack.logs()
 
 
@@ -144,12 +167,41 @@ def _wait_for(predicate: Any, timeout: float = 10.0) -> bool:
 def test_forged_xfcc_from_an_untrusted_peer_is_ignored(id_stack: tuple[DevStack, Path]) -> None:
     stack, _ = id_stack
     me = stack.issue_svid(CHECKOUT)
-    forged = {"x-forwarded-client-cert": 'By=spiffe://demo.local/ns/x;URI=spiffe://demo.local/ns/ops/sa/admin'}
+    forged = {XFCC: f"By=spiffe://demo.local/ns/x;URI={ADMIN}"}
     admin = stack.call(me, "GET", ORDERS, "/v1/admin/users", headers=forged)
     assert admin.status == 403
     own = stack.call(me, "GET", ORDERS, "/v1/orders/1", headers=forged)
     assert own.status == 200
+    # The forged header really went through Envoy: extauthz, not Envoy, ignored it.
+    assert own.json()["headers"][XFCC] == forged[XFCC]
     assert own.json()["headers"]["x-extauthz-principal"] == CHECKOUT
+
+
+def test_xfcc_from_the_trusted_gateway(id_stack: tuple[DevStack, Path]) -> None:
+    stack, _ = id_stack
+    gateway = stack.issue_svid(GATEWAY)
+    # Left of the gateway's own (rightmost) element is what the client sent: never trusted.
+    header = (f"URI={CHECKOUT},By={GATEWAY};Hash=ab;"
+              f'Subject="CN=x,URI=spiffe://demo.local/ns/shop/sa/checkout";URI={ADMIN}')
+    ok = stack.call(gateway, "GET", ORDERS, "/v1/admin/users", headers={XFCC: header})
+    assert ok.status == 200, ok
+    assert ok.json()["headers"]["x-extauthz-principal"] == ADMIN
+    denied = stack.call(gateway, "GET", ORDERS, "/v1/orders/1", headers={XFCC: header})
+    assert denied.status == 403  # ADMIN may not read orders: the identity is the forwarded one
+    ambiguous = {XFCC: f"By={GATEWAY};URI={ADMIN};URI={CHECKOUT}"}
+    resp = stack.call(gateway, "GET", ORDERS, "/v1/orders/1", headers=ambiguous)
+    assert resp.status == 401 and _reason(resp) == "invalid_identity"
+    assert resp.headers["www-authenticate"].startswith('mTLS realm="extauthz", error="invalid_certificate"')
+    unterminated = {XFCC: f'By={GATEWAY};Subject="CN=x;URI={ADMIN}'}
+    assert stack.call(gateway, "GET", ORDERS, "/v1/admin/users", headers=unterminated).status == 401
+
+
+def test_certificate_failure_gets_a_certificate_challenge(id_stack: tuple[DevStack, Path]) -> None:
+    stack, _ = id_stack
+    dns_only = stack.ca.issue_dns_only("legacy.demo.local")  # a DNS SAN, no URI SAN
+    resp = stack.call(dns_only, "GET", ORDERS, "/v1/orders/1")
+    assert resp.status == 401 and _reason(resp) == "invalid_identity"
+    assert resp.headers["www-authenticate"].startswith('mTLS realm="extauthz", error="invalid_certificate"')
 
 
 def test_jwt_svid_identifies_the_workload(id_stack: tuple[DevStack, Path], jwks: tuple[Jwks, str, Path]) -> None:

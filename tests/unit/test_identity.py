@@ -43,7 +43,8 @@ def resolver(**kw: Any) -> IdentityResolver:
     kw.setdefault("trust_domains", frozenset({TD}))
     kw.setdefault("trusted_proxies", frozenset({PROXY}))
     kw.setdefault("jwt_issuers", (issuer(),))
-    return IdentityResolver.from_config(IdentityConfig(**kw), keys={ISS: Keys()})
+    memo = kw.pop("memo_size", 1024)
+    return IdentityResolver.from_config(IdentityConfig(**kw), keys={ISS: Keys()}, memo_size=memo)
 
 
 def token(sub: str = ID, **over: Any) -> str:
@@ -192,6 +193,12 @@ def test_revoked_token_id() -> None:
     failure(req(authorization=f"Bearer {t}"), Reason.REVOKED, "revoked", r)
 
 
+def test_revoked_peer_cannot_forward_a_token() -> None:
+    r = resolver(revoked_principals=frozenset({PROXY}))
+    failure(req(PROXY, authorization=f"Bearer {token()}"), Reason.REVOKED, "peer is revoked", r)
+    assert resolve(req(CLIENT, authorization=f"Bearer {token()}"), r).principal == ID
+
+
 def test_jwt_foreign_trust_domain() -> None:
     t = token(sub="spiffe://evil.org/ns/a")
     failure(req(authorization=f"Bearer {t}"), Reason.UNTRUSTED_TRUST_DOMAIN, "does not belong")
@@ -209,9 +216,30 @@ def test_www_authenticate() -> None:
     assert value == (
         'Bearer realm="re?alm", error="invalid_token", error_description="bad ?x???Set-Cookie: a?b"'
     )
+    cert = IdentityFailure(Reason.INVALID_IDENTITY, "peer certificate has expired",
+                           IdentitySource.MTLS)
+    assert www_authenticate(cert, "mesh") == (
+        'mTLS realm="mesh", error="invalid_certificate", '
+        'error_description="peer certificate has expired"'
+    )
+    forwarded = IdentityFailure(Reason.REVOKED, "principal is revoked", IdentitySource.XFCC)
+    assert www_authenticate(forwarded, "mesh").startswith('mTLS realm="mesh", error=')
+    jwt_fail = IdentityFailure(Reason.REVOKED, "token is revoked", IdentitySource.JWT)
+    assert www_authenticate(jwt_fail, "mesh").startswith('Bearer realm="mesh", error="invalid_')
     leaky = IdentityFailure(Reason.INVALID_IDENTITY, f"oops {token()}")
     assert "[token]" in www_authenticate(leaky, "r") and "eyJ" not in www_authenticate(leaky, "r")
     assert len(www_authenticate(IdentityFailure(Reason.REVOKED, "x" * 5000), "r")) < 300
+
+
+def test_the_challenge_follows_the_failing_source() -> None:
+    """A certificate problem is not answered with a Bearer challenge (and vice versa)."""
+    expired = resolve(req(ID, make_cert(not_after=NOW - 1)))
+    assert www_authenticate(expired).startswith('mTLS realm="extauthz", error="invalid_certificate"')
+    assert www_authenticate(resolve(req("api.example.org"))).startswith("mTLS ")
+    bad_xfcc = resolve(req(PROXY, **{XFCC: f"URI={CLIENT};URI={ID}"}))
+    assert www_authenticate(bad_xfcc).startswith("mTLS ")
+    bad_jwt = resolve(req(ID, authorization=f"Bearer {token(aud='other')}"))
+    assert www_authenticate(bad_jwt).startswith('Bearer realm="extauthz", error="invalid_token"')
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -275,5 +303,71 @@ def test_from_config_loads_jwks_file_only_on_start(tmp_path: Path) -> None:
         assert r.ready and resolve(request, r).principal == ID
     finally:
         r.stop()
-    with pytest.raises(ValueError, match="no jwks_file or jwks_url"):
+    with pytest.raises(ValueError, match="no jwks_file, jwks_url or oidc_discovery"):
         IdentityResolver.from_config(IdentityConfig(jwt_issuers=(issuer(),)))
+
+
+# -- the principal-only memo -------------------------------------------------------------------
+
+
+def test_principal_only_answers_are_memoized_and_match_the_full_path() -> None:
+    r = resolver(revoked_principals=frozenset({CLIENT}), memo_size=4)
+    cases = [req(ID), req(CLIENT), req("spiffe://evil.org/ns/a"), req("api.example.org"), req()]
+    for _ in range(2):  # the second round is answered from the memo
+        for request in cases:
+            assert r.resolve(request, NOW) == r.resolve_detailed(request, NOW).result
+    assert r.resolve(req(ID), NOW) == Identity(ID, IdentitySource.MTLS, TD)
+    assert r.resolve(req(CLIENT), NOW).reason is Reason.REVOKED
+    assert r.resolve(req("spiffe://evil.org/ns/a"), NOW).reason is Reason.UNTRUSTED_TRUST_DOMAIN
+    assert r.resolve(req(), NOW) is None
+    assert len(r._memo) <= 4  # bounded
+    for i in range(20):
+        r.resolve(req(f"spiffe://{TD}/ns/n{i}"), NOW)
+    assert len(r._memo) <= 4
+
+
+def test_memo_is_bypassed_by_certificates_and_watched_headers() -> None:
+    r = resolver()
+    assert r.resolve(req(ID), NOW).source is IdentitySource.MTLS  # memoized
+    # Same principal, but now with a bad certificate, an XFCC header or a token: not memo'd.
+    failure(req(ID, make_cert(ca=True)), Reason.INVALID_IDENTITY, "CA certificate", r)
+    failure(req(ID, make_cert(not_after=NOW - 1)), Reason.INVALID_IDENTITY, "expired", r)
+    failure(req(ID, authorization=f"Bearer {token(aud='x')}"), Reason.INVALID_IDENTITY, "aud", r)
+    assert resolve(req(PROXY), r).principal == PROXY
+    assert resolve(req(PROXY, **{XFCC: f"URI={CLIENT}"}), r).principal == CLIENT
+    noted = resolve(req(ID, **{XFCC: f"URI={CLIENT}"}), r)
+    assert noted.claims[NOTES_CLAIM]
+    assert NOTES_CLAIM not in resolve(req(ID), r).claims
+    # A custom JWT header is watched too.
+    custom = resolver(jwt_header="x-workload-jwt", jwt_scheme="")
+    assert custom.resolve(req(PROXY), NOW).principal == PROXY
+    found = custom.resolve(req(PROXY, **{"x-workload-jwt": token()}), NOW)
+    assert found.source is IdentitySource.JWT
+    # require_peer_certificate is part of the (fixed) configuration.
+    failure(req(ID), Reason.INVALID_IDENTITY, "not forwarded", resolver(require_peer_certificate=True))
+
+
+def test_memo_is_off_for_custom_sources() -> None:
+    class Counting:
+        name = "custom"
+        calls = 0
+
+        def resolve(self, request: Request, now: float, notes: list[str]) -> Any:
+            Counting.calls += 1
+            return None
+
+    r = IdentityResolver([Counting()])
+    r.resolve(req(ID), NOW)
+    r.resolve(req(ID), NOW)
+    assert Counting.calls == 2
+
+
+def test_from_config_wires_jwks_fetch_options() -> None:
+    https_issuer = "https://idp.example.org"
+    cfg = IdentityConfig(jwt_issuers=(
+        JwtIssuerConfig(https_issuer, frozenset({"a"}), oidc_discovery=True, jwks_max_stale=600,
+                        jwks_cooldown=5, jwks_refresh_interval=60),
+    ))  # fmt: skip
+    (cache,) = IdentityResolver.from_config(cfg).key_caches
+    assert (cache.name, cache.stale_ttl, cache.cooldown, cache.refresh_interval) == (
+        https_issuer, 600, 5, 60)

@@ -17,7 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm
 
-from extauthz.jwks import JwksCache, JwksError, file_fetcher, https_fetcher, parse_jwks
+from extauthz.jwks import (
+    JwksCache,
+    JwksError,
+    discovery_fetcher,
+    file_fetcher,
+    https_fetcher,
+    parse_jwks,
+)
 
 
 def jwk(kid: str | None, **extra: Any) -> dict[str, Any]:
@@ -231,10 +238,17 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def https_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
-    state: dict[str, Any] = {"status": 200, "body": doc(jwk("a")), "location": ""}
+    state: dict[str, Any] = {"status": 200, "body": doc(jwk("a")), "location": "", "routes": {}}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            state.setdefault("paths", []).append(self.path)
+            if self.path in state["routes"]:
+                body = state["routes"][self.path]
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+                return
             self.send_response(state["status"])
             if state["location"]:
                 self.send_header("Location", state["location"])
@@ -272,6 +286,7 @@ def test_real_https_rotation_and_failure(https_server: tuple[str, dict[str, Any]
     state["status"] = 500
     clock.t += 300
     assert cache.run_pending() and "500" in cache.last_error
+    assert (cache.fetch_count, cache.fetch_failures) == (3, 1)
     assert cache.get_key("b") is not None  # stale keys kept
     state.update(status=302, location="https://127.0.0.1:1/evil", body=b"")
     assert not cache.refresh() and "302" in cache.last_error  # redirects are not followed
@@ -285,3 +300,27 @@ def test_real_https_untrusted_certificate_fails(
     assert not cache.refresh()
     assert "CERTIFICATE_VERIFY_FAILED" in cache.last_error or "certificate" in cache.last_error
     assert not cache.ready
+
+
+def test_oidc_discovery(https_server: tuple[str, dict[str, Any], Path]) -> None:
+    url, state, cert_path = https_server
+    ctx = ssl.create_default_context(cafile=str(cert_path))
+    issuer = url.removesuffix("/keys") + "/tenant"
+    meta = {"issuer": issuer, "jwks_uri": url}
+    state["routes"]["/tenant/.well-known/openid-configuration"] = json.dumps(meta).encode()
+    cache = JwksCache(discovery_fetcher(issuer, timeout=2, ssl_context=ctx))
+    assert cache.refresh() and cache.get_key("a") is not None
+    assert state["paths"] == ["/tenant/.well-known/openid-configuration", "/keys"]
+    bad = [
+        ({**meta, "issuer": issuer + "/"}, "another issuer"),
+        ({**meta, "jwks_uri": url.replace("https", "http")}, "https:// jwks_uri"),
+        ({"issuer": issuer}, "https:// jwks_uri"),
+    ]
+    for document, message in bad:
+        state["routes"]["/tenant/.well-known/openid-configuration"] = json.dumps(document).encode()
+        assert not cache.refresh() and message in cache.last_error
+        assert cache.get_key("a") is not None  # the last good keys keep serving
+    state["routes"]["/tenant/.well-known/openid-configuration"] = b"[1]"
+    assert not cache.refresh() and "not a JSON object" in cache.last_error
+    with pytest.raises(JwksError, match="https"):
+        discovery_fetcher("http://idp.example.org")

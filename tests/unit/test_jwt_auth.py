@@ -363,7 +363,11 @@ def test_revoked_token_ids_even_when_cached() -> None:
         ({"jwt_svid": True, "trust_domain": TD, "algorithms": ("EdDSA",)}, "not allowed"),
         ({"leeway": 3600}, "leeway"),
         ({"jwks_url": "http://idp/keys"}, "https"),
-        ({"jwks_url": "https://a", "jwks_file": "/k"}, "not both"),
+        ({"jwks_url": "https://a", "jwks_file": "/k"}, "set one of"),
+        ({"jwks_url": "https://a", "oidc_discovery": True}, "set one of"),
+        ({"issuer": "http://idp", "oidc_discovery": True}, "needs an https issuer"),
+        ({"jwks_max_stale": 0}, "jwks_max_stale"),
+        ({"jwks_timeout": 120}, "jwks_timeout"),
     ],
 )
 def test_issuer_config_validation(kwargs: dict[str, Any], match: str) -> None:
