@@ -126,12 +126,15 @@ def explain(policy: CompiledPolicy, probe: Probe) -> Explanation:
     host = normalize_host(probe.host)
     path = normalize_path(probe.path)
     preface: list[str] = []
-    if host is None or path is None or decision.reason in (
-            Reason.MALFORMED_REQUEST, Reason.AMBIGUOUS_PATH, Reason.METHOD_OVERRIDE):
+    params = path is not None and decision.reason is Reason.AMBIGUOUS_PATH and ";" in path
+    if host is None or path is None or (not params and decision.reason in (
+            Reason.MALFORMED_REQUEST, Reason.AMBIGUOUS_PATH, Reason.METHOD_OVERRIDE)):
         preface.append(f"denied before any rule: {decision.detail}")
         return Explanation(decision, identity, host, path, (), tuple(preface))
     if path != probe.path:
         preface.append(f"path {probe.path!r} normalizes to {path!r}")
+    if params:
+        preface.append(f"allowed as {path!r}, but {decision.detail}")
     rules = policy.rules_for_host(host)
     if not rules:
         known = ", ".join(policy.hosts) or "none"

@@ -24,6 +24,8 @@ Evaluation, in order (documented in docs/policy.md):
    marks the decision `dry_run`, reason DRY_RUN, so it is logged as "would deny").
 4. Applying dry-run rules only: ALLOW, reason DRY_RUN ("would deny").
 5. Applying rules, none allows: 403 PRINCIPAL_NOT_ALLOWED. None applies: 403 NO_MATCHING_RULE.
+6. An allowed path with `;params` whose params-stripped form is not allowed: 403
+   AMBIGUOUS_PATH (servers that strip params would serve the stripped route).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from extauthz.network_policy import (
     connection_rules,
     principal_ids,
 )
+from extauthz.paths import without_params
 from extauthz.policy import (
     HeaderMatch,
     JwtMatch,
@@ -439,6 +442,27 @@ class CompiledPolicy:
         headers: Mapping[str, str] = EMPTY,
         now: float = 0.0,
     ) -> Match:
+        """Decide one request whose host and path are already normalized.
+
+        A path with `;params` is allowed only if the same request without them (as Tomcat,
+        Jetty and Spring route it) is allowed too: `/v1/admin;x/users` must not slip past a
+        deny on `/v1/admin` into an upstream that serves it as `/v1/admin/users`."""
+        match = self._evaluate(identity, host, method, path, headers=headers, now=now)
+        if ";" not in path or not match.decision.allowed:
+            return match
+        bare = without_params(path)
+        if bare == path:
+            return match
+        if bare is not None and self._evaluate(
+                identity, host, method, bare, headers=headers, now=now).decision.allowed:
+            return match
+        detail = (f"path parameters (';') change the answer: {bare} is not allowed"
+                  if bare is not None else "path parameters (';') make the path ambiguous")
+        return Match(Decision(Outcome.FORBIDDEN, Reason.AMBIGUOUS_PATH, detail,
+                              identity=identity, policy_version=self.version), match.considered)
+
+    def _evaluate(self, identity: Identity, host: str, method: str, path: str, *,
+                  headers: Mapping[str, str], now: float) -> Match:
         version = self.version
         override = method_override_violation(method, headers)
         if override:
@@ -476,7 +500,10 @@ class CompiledPolicy:
         for rule, allows, _ in applied:
             if allows and rule.allow and rule.allow.contains(identity):
                 if would_deny is not None:
-                    return Match(_dry_run(would_deny, identity, version), considered)
+                    return Match(
+                        _dry_run(would_deny, identity, version, allow_rule=rule.name),
+                        considered,
+                    )
                 return Match(
                     Decision(Outcome.ALLOW, Reason.ALLOWED, rule=rule.name, identity=identity,
                              policy_version=version),
@@ -505,15 +532,59 @@ def method_override_violation(method: str, headers: Mapping[str, str]) -> str:
     return ""
 
 
+METHOD_OVERRIDE_PARAMS = ("_method",)
+
+
+def query_method_override(method: str, raw_path: str) -> str:
+    """A reason to deny when a `_method` query parameter names another method ("" if none).
+
+    Symfony/Laravel (with method-parameter override on) and Express's `method-override`
+    read `?_method=DELETE` on a POST. The query is not part of the path rules match, and not
+    of the decision cache key, so this runs on the raw `:path` before both."""
+    head = raw_path.split("#", 1)[0]
+    q = head.find("?")
+    if q < 0:
+        return ""
+    query = head[q + 1 :]
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if _unquote(name).strip().lower() in METHOD_OVERRIDE_PARAMS:
+            wanted = _unquote(value).strip().upper()
+            if wanted != method:
+                return (f"query parameter {name[:16]!r}={wanted[:32]!r} differs from the request "
+                        f"method {method}; method overrides are not honoured")
+    return ""
+
+
+def _unquote(text: str) -> str:
+    """Form-style decoding (`+` and `%XX`) of one query component; bad escapes stay."""
+    text = text.replace("+", " ")
+    if "%" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if (text[i] == "%" and i + 2 < len(text)
+                and all(c in "0123456789abcdefABCDEF" for c in text[i + 1 : i + 3])):
+            out.append(chr(int(text[i + 1 : i + 3], 16)))
+            i += 3
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def _claim_key(value: object) -> object:
     if value is None or isinstance(value, str | int | float | bool):
         return (type(value).__name__, value)
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _dry_run(rule: CompiledRule, identity: Identity, version: str) -> Decision:
+def _dry_run(
+    rule: CompiledRule, identity: Identity, version: str, allow_rule: str = ""
+) -> Decision:
     return Decision(Outcome.ALLOW, Reason.DRY_RUN, f"dry-run rule {rule.name} would deny",
-                    rule=rule.name, identity=identity, policy_version=version, dry_run=True)
+                    rule=rule.name, identity=identity, policy_version=version, dry_run=True,
+                    allow_rule=allow_rule)
 
 
 def compile_policy(documents: Iterable[PolicyDocument], version: str) -> CompiledPolicy:

@@ -13,6 +13,10 @@ The rule (documented in docs/policy.md):
 6. Case and a trailing slash are kept: `/a/` is not `/a` for an exact rule.
 
 Ambiguous paths are denied before any rule is consulted. Normalizing is idempotent.
+
+Path parameters (`/v1/admin;x/users`) are kept, but servers that strip them (Tomcat, Jetty,
+Spring) route that request to `/v1/admin/users`. So a path with `;` is allowed only if its
+`without_params` form is allowed too (`CompiledPolicy.evaluate`); otherwise it is ambiguous.
 """
 
 from __future__ import annotations
@@ -78,3 +82,11 @@ def _decode_unreserved(path: str) -> str | None:
         else:
             out.append("%" + part[:2].upper() + part[2:])
     return "".join(out)
+
+
+def without_params(path: str) -> str | None:
+    """A normalized path as servers that drop `;params` from every segment see it (Tomcat,
+    Jetty, Spring): `/v1/admin;x/users` -> `/v1/admin/users`. None if that is ambiguous."""
+    if ";" not in path:
+        return path
+    return normalize_path("/".join(seg.split(";", 1)[0] for seg in path.split("/")))

@@ -15,6 +15,8 @@ first bad one. Warnings (the policy loads, but probably not as intended):
 * `constant-condition`  a `when` that is always true
 * `unindexed-regex`     a path_regex without a literal leading segment, tried on every
                         request for its host
+* `path-parameters`     an allow rule whose path expects `;params`: such a request is allowed
+                        only if its parameter-free form is allowed too (matcher.py)
 """
 
 from __future__ import annotations
@@ -189,6 +191,10 @@ def _rule_warnings(rule: RuleDecl) -> list[Finding]:
             out.append(_warn(rule, "unreachable-rule",
                              f"{path.kind} {path.value!r} contains characters a request path "
                              "cannot have after normalization"))
+    if ";" in path.value and rule.allow:
+        out.append(_warn(rule, "path-parameters",
+                         f"{path.kind} {path.value!r} expects ';' path parameters: such a request "
+                         "is allowed only if the same path without them is allowed too"))
     cond = rule.condition
     if cond is not None and not cond.program.variables():
         result = cond.evaluate({})

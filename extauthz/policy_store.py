@@ -98,10 +98,16 @@ class PolicyStore:
         self.reloads = 0
         self.reload_failures = 0
         self.last_error: str = ""
+        # The fingerprint of the files the last reload read (loaded or not): the watcher
+        # reloads when `fingerprint()` differs from it, so a reload that read a half-swapped
+        # directory is retried once the swap completes, and a broken version is not retried
+        # (nor counted as a failure again) until its files change.
+        self.attempted: str = ""
         self._on_change = on_change
 
     def fingerprint(self) -> str:
-        """A cheap version of the directory's content, to tell whether a reload is needed."""
+        """The version the directory's files would have now (no parsing): a reload is due
+        when it differs from `attempted`."""
         try:
             files = read_files(self.directory)
         except PolicyLoadError as exc:
@@ -111,7 +117,13 @@ class PolicyStore:
     def reload(self) -> bool:
         """Load and swap in a new version; on any failure keep serving the previous one."""
         try:
-            policy = load_policy(self.directory)
+            try:
+                files = read_files(self.directory)
+            except PolicyLoadError as exc:
+                self.attempted = f"error:{exc}"
+                raise
+            self.attempted = version_of(self.directory, files)
+            policy = compile_policy(parse_files(self.directory, files), self.attempted)
         except (PolicyLoadError, PolicyError) as exc:
             self.reload_failures += 1
             self.last_error = str(exc)
@@ -126,11 +138,11 @@ class PolicyStore:
                           extra={"event": "policy_reload_failed"})
             return False
         previous = self.current
+        self.last_error = ""
         if previous is not None and previous.version == policy.version:
             return True
         self.current = policy
         self.reloads += 1
-        self.last_error = ""
         log.info("policy loaded", extra={
             "event": "policy_loaded", "version": policy.version,
             "previous_version": previous.version if previous else None,

@@ -13,16 +13,18 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from extauthz.policy_store import load_policy
 
-from .server_process import running_server
+from .server_process import free_port, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = "spiffe://prod.example/ns/reload/sa/client"
@@ -60,6 +62,13 @@ def versions(policy_dir: Path, tmp: Path) -> dict[str, str]:
     return out
 
 
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {s.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def request(principal: str, host: str, path: str) -> ea.CheckRequest:
     req = ea.CheckRequest()
     req.attributes.source.principal = principal
@@ -79,7 +88,9 @@ def test_reload_under_load_never_fails_or_answers_wrong(tmp_path: Path) -> None:
     errors: list[str] = []
     stop = threading.Event()
 
-    with running_server(policy_dir, tmp_path, extra=["--watch-interval", "0.1"]) as srv:
+    metrics_port = free_port()
+    extra = ["--watch-interval", "0.1", "--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    with running_server(policy_dir, tmp_path, extra=extra) as srv:
         def load() -> None:
             probes = [("reload", request(CLIENT, "reload.mesh.local", "/x/1")),
                       ("orders", request(BILLING, "orders.mesh.local", "/v1/orders/1"))]
@@ -120,6 +131,7 @@ def test_reload_under_load_never_fails_or_answers_wrong(tmp_path: Path) -> None:
             t.join(15)
         assert srv.health() == health_pb2.HealthCheckResponse.SERVING
         assert srv.health("envoy.service.auth.v3.Authorization") == health_pb2.HealthCheckResponse.SERVING
+        metrics = scrape(metrics_port)
         log = srv.log()
 
     assert errors == []
@@ -133,6 +145,11 @@ def test_reload_under_load_never_fails_or_answers_wrong(tmp_path: Path) -> None:
             assert (allowed, rule) == (True, "orders-read")
         else:
             assert (allowed, rule) == expected[known[version]], (version, allowed, rule)
-    assert log.count('"event": "policy_reload_failed"') >= 3
+    failures = log.count('"event": "policy_reload_failed"')
+    assert failures >= 3
+    assert metrics["extauthz_policy_reload_failures_total"] == failures  # one per rejected version
+    assert metrics["extauthz_policy_reloads_total"] == log.count('"event": "policy_loaded"')
+    assert metrics["extauthz_policy_loaded"] == 1
+    assert next(k for k in metrics if k.startswith("extauthz_policy_info{"))[21:-1] in known
     assert log.count('"event": "policy_loaded"') >= 5  # initial load + several swaps
     assert "Traceback" not in log

@@ -89,3 +89,16 @@ def test_lookup_cost_does_not_scan_rules() -> None:
     assert len(p.candidates(HOST, "GET", "/svc/9999/items")) == 1
     assert reason(p, CHECKOUT, "GET", "/svc/9999/items") is Reason.ALLOWED
     assert reason(p, CHECKOUT, "GET", "/svc/10000/items") is Reason.NO_MATCHING_RULE
+
+
+def test_hosts_are_case_insensitive_ports_ignored_and_a_trailing_dot_kept() -> None:
+    from extauthz.explain import Probe, decide
+
+    p = compiled([{"name": "r", "methods": ["GET"], "path": "/v1/orders", "allow": ["checkout"]}])
+    for host in ("orders.mesh.local", "Orders.Mesh.Local", "ORDERS.mesh.local:8443", "orders.mesh.local:1"):
+        assert decide(p, Probe(CHECKOUT, "GET", "/v1/orders", host))[0].reason is Reason.ALLOWED, host
+    assert decide(p, Probe(CHECKOUT, "GET", "/v1/orders", "orders.mesh.local."))[0].reason \
+        is Reason.NO_MATCHING_RULE
+    for host in ("orders.mesh.local:http", "orders/x", "user@orders.mesh.local", ""):
+        assert decide(p, Probe(CHECKOUT, "GET", "/v1/orders", host))[0].reason \
+            is Reason.MALFORMED_REQUEST, host

@@ -173,3 +173,14 @@ def test_ten_thousand_template_and_regex_rules_are_not_scanned() -> None:
     assert [r.name for r in p.candidates(HOST, "GET", "/rx4999/12")] == ["x4999"]
     assert decide(p, "GET", "/rx4999/12", principal=BILLING)[0] is Reason.ALLOWED
     assert decide(p, "GET", "/rx5000/12")[0] is Reason.NO_MATCHING_RULE
+
+
+def test_a_method_override_query_parameter_is_reported() -> None:
+    from extauthz.matcher import query_method_override
+
+    for raw in ("/v1/x?_method=DELETE", "/v1/x?a=1&_method=delete", "/v1/x?%5Fmethod=DELETE",
+                "/v1/x?_METHOD=PUT", "/v1/x?_method=%44ELETE", "/v1/x?_method=", "/v1/x?_method"):
+        assert query_method_override("POST", raw), raw
+    for raw in ("/v1/x", "/v1/x?method=DELETE", "/v1/x?_method=POST", "/v1/x?_method=+post+",
+                "/v1/x#?_method=DELETE", "/v1/_method=DELETE"):
+        assert query_method_override("POST", raw) == "", raw

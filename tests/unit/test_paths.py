@@ -101,3 +101,13 @@ def test_normalizing_is_idempotent_over_attack_alphabet(parts: list[str]) -> Non
         assert normalize_path(once) == once
         assert "//" not in once and "/./" not in once and "/../" not in once
         assert not once.endswith(("/.", "/.."))
+
+
+def test_without_params_is_what_param_stripping_servers_route() -> None:
+    from extauthz.paths import without_params
+
+    assert without_params("/v1/admin;x/users") == "/v1/admin/users"
+    assert without_params("/v1/;x/admin") == "/v1/admin"
+    assert without_params("/a;b=c;d/e;") == "/a/e"
+    assert without_params("/a/b/") == "/a/b/"
+    assert without_params("/a%3Bb/c") == "/a%3Bb/c"  # an encoded ';' is not a separator

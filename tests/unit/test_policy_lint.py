@@ -70,6 +70,7 @@ def test_duplicate_rule_names_and_principals_across_files(tmp_path: Path) -> Non
     ("  - name: a\n    path: /x\n    allow: [checkout]\n    when: '1 > 2'\n", ("unreachable-rule", "a")),
     ("  - name: a\n    path: /x\n    allow: [checkout]\n    when: 'true'\n", ("constant-condition", "a")),
     ("  - name: a\n    path_regex: '[a-z/]+/report'\n    allow: [checkout]\n", ("unindexed-regex", "a")),
+    ("  - name: a\n    path: /v1/items;v=2\n    allow: [checkout]\n", ("path-parameters", "a")),
 ])
 def test_each_warning(tmp_path: Path, rules: str, expected: tuple[str, str]) -> None:
     write(tmp_path, "a.yaml", HEAD + rules)

@@ -8,7 +8,7 @@ from extauthz.explain import Probe, decide
 from extauthz.matcher import CompiledPolicy
 from extauthz.model import Reason
 
-from .policy_fixtures import CART, CHECKOUT, compiled
+from .policy_fixtures import BILLING, CART, CHECKOUT, compiled
 
 HOST = "orders.mesh.local"
 POLICY: CompiledPolicy = compiled([
@@ -100,3 +100,61 @@ def test_poisoned_variants_get_the_canonical_answer_or_are_ambiguous(
         canonical = normalize_path(poisoned)
         assert canonical is not None
         assert (reason, rule) == answer(canonical, who), poisoned
+
+
+# --- path parameters: `;params` must not carry a request past a deny -----------------------
+# Tomcat, Jetty and Spring drop `;params` from every segment before routing, so for them
+# `/v1/admin;x/users` is `/v1/admin/users`. Such a path is allowed only if its stripped form is.
+
+BROAD: CompiledPolicy = compiled([
+    {"name": "all-shop", "path_prefix": "/v1", "allow": ["shop"]},
+    {"name": "no-cart-admin", "path_prefix": "/v1/admin", "deny": [CART]},
+    {"name": "order", "methods": ["GET"], "path": "/v1/orders/{id}", "allow": ["billing"]},
+])
+
+
+def broad(path: str, principal: str = CART) -> tuple[Reason, str]:
+    d, _ = decide(BROAD, Probe(principal, "GET", path, HOST))
+    return d.reason, d.rule
+
+
+def test_path_parameters_cannot_slip_past_a_deny() -> None:
+    assert broad("/v1/admin/users") == (Reason.DENIED_BY_RULE, "no-cart-admin")
+    for raw in ("/v1/admin;x/users", "/v1/admin;/users", "/v1/;x/admin/users",
+                "/v1/admin;jsessionid=1", "/v1/admin;b=c;d/users", "/v1/admin%3B/../admin;x"):
+        assert broad(raw)[0] is Reason.AMBIGUOUS_PATH, raw
+    assert broad("/v1;a/admin/users")[0] is Reason.NO_MATCHING_RULE  # no allow to undo
+    assert broad("/v1/admin%3Bx/users") == (Reason.ALLOWED, "all-shop")  # %3B is no separator
+    assert broad("/v1/admin;x/users", CHECKOUT) == (Reason.ALLOWED, "all-shop")  # not denied
+
+
+def test_harmless_path_parameters_keep_their_answer() -> None:
+    assert broad("/v1/items;v=2/x") == (Reason.ALLOWED, "all-shop")
+    assert broad("/v1/orders/42;v=2", BILLING) == (Reason.ALLOWED, "order")
+    assert broad("/v2/x;y")[0] is Reason.NO_MATCHING_RULE  # denials are not rewritten
+
+
+@st.composite
+def with_params(draw: st.DrawFn) -> str:
+    base = draw(st.sampled_from(["/v1/admin/users", "/v1/admin", "/v1/orders/42", "/v1/items/x"]))
+    out = []
+    for seg in base.split("/")[1:]:
+        if draw(st.booleans()):
+            out.append(draw(st.sampled_from([";p", ";"])))  # a params-only segment
+        out.append(seg + draw(st.sampled_from(["", ";", ";x", ";a=b;c", ";jsessionid=1"])))
+    return "/" + "/".join(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(with_params(), st.sampled_from([CART, CHECKOUT, BILLING]))
+def test_a_path_with_parameters_is_allowed_only_if_its_stripped_form_is(
+        path: str, who: str) -> None:
+    from extauthz.paths import normalize_path, without_params
+
+    normalized = normalize_path(path)
+    assert normalized is not None
+    bare = without_params(normalized)
+    assert bare is not None
+    reason, _ = broad(path, who)
+    if reason in (Reason.ALLOWED, Reason.DRY_RUN):
+        assert broad(bare, who)[0] in (Reason.ALLOWED, Reason.DRY_RUN), (path, bare)
