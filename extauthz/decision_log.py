@@ -1,7 +1,11 @@
 """The decision log: one JSON line per decision, versioned schema, never a credential.
 
-Schema: `docs/decision-log.schema.json` (`schema_version` 1). A field is only ever added in
-a compatible way; removing or retyping one bumps `schema_version`.
+Schema: `docs/decision-log.schema.json`, version 1.1. `schema_version` in every line is the
+*major* version (1): it changes only when a field is removed, renamed or retyped. A minor
+version only appends fields (1.1: `route`, `presented_principal`, `allow_rule`, `subject`,
+`peer`, `notes`; `identity_source` also names the failed credential's source on a 401);
+readers of major 1 ignore fields they do not know, and a 1.0 line still validates against the
+1.1 schema.
 
 Cost on the check path is an append of references to a bounded deque (about a microsecond);
 a writer thread formats and writes the lines, flushing every `flush_interval` seconds (or
@@ -34,13 +38,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from extauthz.model import Identity, IdentitySource, Request
+from extauthz.identity import NOTES_CLAIM
+from extauthz.model import Decision, Identity, IdentitySource, Reason, Request
 from extauthz.paths import normalize_path
 from extauthz.pipeline import CheckResult, normalize_host
 
 log = logging.getLogger("extauthz.decision_log")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # major: written in every line
+SCHEMA_MINOR = 1  # fields added compatibly since 1.0 (documented in the schema, not per line)
+# The context_extensions key under which Envoy's route names itself (envoy_config.py sets it).
+ROUTE_KEY = "route"
+# 401 reasons for which the identity that was presented is logged (it was verified, then
+# refused): the access review needs to know *who* presented a revoked or foreign identity.
+PRESENTED_REASONS = frozenset((Reason.REVOKED, Reason.UNTRUSTED_TRUST_DOMAIN))
 DEFAULT_LIMIT = 256
 TRUNCATED = "..."
 
@@ -109,6 +120,63 @@ def token_lifetime(identity: Identity | None) -> int | None:
     return None
 
 
+def route_of(request: Request | None) -> str | None:
+    """Envoy's route name, from the check's `context_extensions` (None when not set)."""
+    if request is None:
+        return None
+    extensions = request.context_extensions
+    route = extensions.get(ROUTE_KEY) if extensions else None
+    return clean(route) if route else None
+
+
+def presented_of(decision: Decision) -> str | None:
+    """For a 401 `revoked` / `untrusted_trust_domain`: the identity that was presented.
+
+    Read with getattr: `Decision.presented_principal` is carried by the pipeline (model.py);
+    until it is, this is None."""
+    if decision.reason not in PRESENTED_REASONS:
+        return None
+    presented = getattr(decision, "presented_principal", "")
+    return clean(presented, 512) if presented else None
+
+
+def allow_rule_of(decision: Decision) -> str | None:
+    """For a dry-run decision: the enforced rule that actually allowed the request (the
+    `rule` field names the dry-run rule that would deny). None when there is none."""
+    if not decision.dry_run:
+        return None
+    rule = getattr(decision, "allow_rule", "")
+    return clean(rule) if rule else None
+
+
+def notes_of(result: CheckResult) -> list[str] | None:
+    """What identity resolution noted for this request (e.g. an XFCC header ignored because
+    the peer is not a trusted proxy): the decision says so."""
+    identity = result.identity or result.decision.identity
+    notes = identity.claims.get(NOTES_CLAIM) if identity is not None else None
+    if not notes or not isinstance(notes, tuple | list):
+        return None
+    return [clean(str(n), 256) for n in notes[:4]]
+
+
+def source_of(decision: Decision) -> str | None:
+    """mtls / xfcc / jwt: of the verified identity, or of the credential that failed (401)."""
+    if decision.identity is not None:
+        return decision.identity.source.value
+    failed = getattr(decision, "failure_source", None)
+    return failed.value if failed is not None else None
+
+
+def peer_of(request: Request | None, decision: Decision) -> str | None:
+    """The mTLS peer when it is not itself the principal (a proxy forwarding XFCC, a workload
+    forwarding a JWT-SVID): who made the hop."""
+    if request is None or not request.source_principal:
+        return None
+    if decision.identity is not None and decision.identity.principal == request.source_principal:
+        return None
+    return clean(request.source_principal, 512)
+
+
 def record(
     ts: float,
     request: Request | None,
@@ -128,7 +196,7 @@ def record(
         "trace_id": trace_id or None,
         "span_id": span_id or None,
         "principal": clean(identity.principal, 512) if identity else None,
-        "identity_source": identity.source.value if identity else None,
+        "identity_source": source_of(decision),
         "trust_domain": clean(identity.trust_domain) if identity and identity.trust_domain
         else None,
         "issuer": clean(identity.issuer, 512) if identity and identity.issuer else None,
@@ -146,6 +214,13 @@ def record(
         "ratelimit_remaining": result.limit.remaining if result.limit is not None else None,
         "latency_us": max(0, round(seconds * 1e6)),
         "token_lifetime_s": token_lifetime(identity),
+        # 1.1
+        "route": route_of(request),
+        "presented_principal": presented_of(decision),
+        "allow_rule": allow_rule_of(decision),
+        "subject": clean(identity.subject, 512) if identity and identity.subject else None,
+        "peer": peer_of(request, decision),
+        "notes": notes_of(result),
     }
 
 
@@ -179,7 +254,7 @@ def fast_line(item: _Item) -> str:
         '","trace_id":', _str(trace_id or None),
         ',"span_id":', _str(span_id or None),
         ',"principal":', _str(clean(i.principal, 512) if i else None),
-        ',"identity_source":', _str(i.source.value if i else None),
+        ',"identity_source":', _str(source_of(d)),
         ',"trust_domain":', _str(clean(i.trust_domain) if i and i.trust_domain else None),
         ',"issuer":', _str(clean(i.issuer, 512) if i and i.issuer else None),
         ',"method":', _str(clean(request.method, 32) if request is not None and http else None),
@@ -195,9 +270,14 @@ def fast_line(item: _Item) -> str:
         ',"ratelimit_remaining":', "null" if limit is None else str(int(limit.remaining)),
         ',"latency_us":', str(max(0, round(seconds * 1e6))),
         ',"token_lifetime_s":', "null" if (life := token_lifetime(i)) is None else str(life),
+        ',"route":', _str(route_of(request)),
+        ',"presented_principal":', _str(presented_of(d)),
+        ',"allow_rule":', _str(allow_rule_of(d)),
+        ',"subject":', _str(clean(i.subject, 512) if i and i.subject else None),
+        ',"peer":', _str(peer_of(request, d)),
+        ',"notes":', "null" if (notes := notes_of(result)) is None else _ENCODER.encode(notes),
         "}\n",
     ))
-
 
 
 class DecisionLog:

@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from extauthz import __version__
+from extauthz.decision_log import clean
 from extauthz.matcher import CompiledPolicy
 from extauthz.model import Identity, Reason, Request
 from extauthz.pipeline import CheckResult
@@ -295,6 +296,22 @@ def _app_metrics(app: Any) -> Iterator[Metric]:
             "Principals declared by the serving policy",
             len(policy.principals),
         )
+    revocation_failures = getattr(app, "revocation_failures", None)
+    if revocation_failures is not None:
+        yield _counter(
+            "extauthz_revocation_reload_failures",
+            "Revocation-list reloads that failed (the previous list kept in force)",
+            revocation_failures,
+        )
+        revoked_version = str(getattr(app, "revocation_version", "") or "")
+        if revoked_version:  # a revocation file is configured and loaded
+            revocation = GaugeMetricFamily(
+                "extauthz_revocation_info",
+                "The revocation list in force (version: hash of the file)",
+                labels=["version"],
+            )
+            revocation.add_metric([revoked_version], 1)
+            yield revocation
     stats = getattr(getattr(app, "servicer", None), "stats", None)
     if stats is not None:
         yield _counter(
@@ -308,26 +325,35 @@ def _jwks_metrics(caches: list[Any]) -> Iterator[Metric]:
     if not caches:
         return
     fetches = CounterMetricFamily(
-        "extauthz_jwks_fetches", "JWKS fetch attempts by issuer", labels=["issuer"]
+        "extauthz_jwks_fetches",
+        "JWKS refresh attempts by issuer (scheduled, unknown kid, start-up)",
+        labels=["issuer"],
     )
     ready = GaugeMetricFamily(
         "extauthz_jwks_ready", "1 while an issuer's keys are usable", labels=["issuer"]
+    )
+    failing = GaugeMetricFamily(
+        "extauthz_jwks_last_fetch_failed",
+        "1 when an issuer's last JWKS fetch failed (the previous keys are kept until stale)",
+        labels=["issuer"],
     )
     failures = CounterMetricFamily(
         "extauthz_jwks_fetch_failures", "JWKS fetches that failed", labels=["issuer"]
     )
     any_failures = False
     for cache in caches:
-        name = str(cache.name)
+        name = clean(str(cache.name))  # an issuer URL from the config: bounded, never a key
         fetches.add_metric([name], cache.fetch_count)
         ready.add_metric([name], 1 if cache.ready else 0)
+        failing.add_metric([name], 1 if getattr(cache, "last_error", "") else 0)
         failed = getattr(cache, "fetch_failures", None)
         if failed is not None:
             any_failures = True
             failures.add_metric([name], failed)
     yield fetches
     yield ready
-    if any_failures:
+    yield failing
+    if any_failures:  # JwksCache.fetch_failures (jwks.py); absent on older caches
         yield failures
 
 

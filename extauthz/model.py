@@ -107,6 +107,9 @@ class IdentityFailure:
     reason: Reason
     detail: str
     source: IdentitySource | None = None
+    # The identity that was presented and refused (revoked, untrusted trust domain), so the
+    # decision log can name who keeps trying. Never a token.
+    presented: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,11 @@ class Decision:
     headers: tuple[tuple[str, str], ...] = ()
     # True when an enforce-mode evaluation would have denied but a dry-run rule let it pass.
     dry_run: bool = False
+    # For a dry-run decision: the rule that actually allowed the request, if any.
+    allow_rule: str = ""
+    # For a 401: which source's credential failed, and the identity it presented (if any).
+    failure_source: IdentitySource | None = None
+    presented_principal: str = ""
 
     @property
     def allowed(self) -> bool:

@@ -62,11 +62,16 @@ class DecisionObserver:
 
 
 def _key_caches(app: Any) -> Iterable[Any]:
-    """The JWKS caches, if the app exposes its identity resolver."""
-    resolver = getattr(app, "identity", None)
-    if resolver is None:
-        resolver = getattr(getattr(app, "authorizer", None), "_identity", None)
-    return tuple(getattr(resolver, "key_caches", ()))
+    """The JWKS caches: owned by the resolver built at start-up (`App.identity_root`). The
+    resolver the authorizer uses may be a later one (a revocation reload swaps it in) that
+    shares those caches without owning them, so its `key_caches` is empty."""
+    for resolver in (getattr(app, "identity_root", None),
+                     getattr(app, "identity", None),
+                     getattr(getattr(app, "authorizer", None), "identity", None)):
+        caches = tuple(getattr(resolver, "key_caches", ()))
+        if caches:
+            return caches
+    return ()
 
 
 @dataclass

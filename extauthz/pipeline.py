@@ -13,7 +13,7 @@ from typing import Protocol
 
 from extauthz.cache import DecisionCache
 from extauthz.identity import IdentityResolver, www_authenticate
-from extauthz.matcher import CompiledPolicy
+from extauthz.matcher import CompiledPolicy, query_method_override
 from extauthz.model import Decision, Identity, IdentityFailure, Outcome, Reason, Request
 from extauthz.network_policy import (
     ConnectionTable,
@@ -53,6 +53,10 @@ class CheckResult:
     decision: Decision
     cache_hit: bool = False
     limit: LimitResult | None = None
+    # This request's verified identity. On a cache hit `decision.identity` is the identity of
+    # the request that filled the entry (same principal, source and issuer, but its own
+    # notes and expiry), so per-request details are read from here.
+    identity: Identity | None = None
 
     @property
     def shared(self) -> bool:
@@ -105,6 +109,16 @@ class Authorizer:
         return self._limiter
 
     @property
+    def policy_version(self) -> str:
+        """The serving policy version ("" before the first load), for answers made outside
+        `check` (e.g. the servicer's fail-closed error path)."""
+        try:
+            current = self._policy.current
+        except Exception:
+            return ""
+        return current.version if current is not None else ""
+
+    @property
     def identity(self) -> IdentityResolver:
         return self._identity
 
@@ -152,6 +166,17 @@ class Authorizer:
                     policy_version=policy.version,
                 )
             )
+        override = query_method_override(method, request.path) if "?" in request.path else ""
+        if override:
+            return CheckResult(
+                Decision(
+                    Outcome.FORBIDDEN,
+                    Reason.METHOD_OVERRIDE,
+                    override,
+                    identity=found,
+                    policy_version=policy.version,
+                )
+            )
         # The key part holds the issuer and every header/claim value (and the minute, for
         # time conditions) that the rules of this host read: see CompiledPolicy.cache_key_part.
         key = (
@@ -171,8 +196,8 @@ class Authorizer:
             ).decision
             self._cache.put(key, decision)
         if not decision.allowed or self._limiter is None:
-            return CheckResult(decision, cache_hit)
-        return await self._apply_limits(policy, decision, cache_hit)
+            return CheckResult(decision, cache_hit, identity=found)
+        return await self._apply_limits(policy, decision, cache_hit, found)
 
     def _connection(self, policy: CompiledPolicy, identity: Identity, request: Request) -> Decision:
         compiled = self._connections
@@ -193,7 +218,7 @@ class Authorizer:
         return compiled[1].evaluate(identity, port, request.host, policy.version)
 
     async def _apply_limits(
-        self, policy: CompiledPolicy, decision: Decision, cache_hit: bool
+        self, policy: CompiledPolicy, decision: Decision, cache_hit: bool, identity: Identity
     ) -> CheckResult:
         assert self._limiter is not None
         principal = decision.principal
@@ -206,7 +231,7 @@ class Authorizer:
             if rule_limit is not None:
                 items.append((rule_key(principal, decision.rule), _limit(rule_limit)))
         if not items:
-            return CheckResult(decision, cache_hit)
+            return CheckResult(decision, cache_hit, identity=identity)
         result = await self._limiter.hit_many(items)
         if result.backend_error and not result.allowed:
             return CheckResult(
@@ -219,6 +244,7 @@ class Authorizer:
                 ),
                 cache_hit,
                 result,
+                identity,
             )
         if not result.allowed:
             return CheckResult(
@@ -231,8 +257,9 @@ class Authorizer:
                 ),
                 cache_hit,
                 result,
+                identity,
             )
-        return CheckResult(decision, cache_hit, result)
+        return CheckResult(decision, cache_hit, result, identity)
 
 
 class InProcessLimiter:
@@ -255,5 +282,7 @@ def _unauthenticated(found: IdentityFailure | None, version: str) -> Decision:
         failure.reason,
         failure.detail,
         policy_version=version,
+        failure_source=failure.source,
+        presented_principal=failure.presented,
         headers=(("www-authenticate", www_authenticate(failure, REALM)),),
     )

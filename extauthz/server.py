@@ -115,8 +115,10 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
             # Fail closed, loudly. The request content is not logged: it may hold credentials.
             log.exception("check failed; denying", extra={"event": "check_error"})
             self.stats.errors += 1
-            result = CheckResult(_INTERNAL_ERROR)
-            response = to_response(_INTERNAL_ERROR, self._options)
+            current = self._authorizer.policy_version
+            failed = dataclasses.replace(_INTERNAL_ERROR, policy_version=current)
+            result = CheckResult(failed)
+            response = to_response(failed, self._options)
         self.stats.checks += 1
         reason = result.decision.reason.value
         self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
@@ -282,6 +284,11 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
         raise SettingsError(f"policy: cannot load {settings.policy}: {app.store.last_error}")
     if settings.revocation_file is not None and not apply_revocations(app):
         raise SettingsError(f"revocation_file: cannot load {settings.revocation_file}")
+    if not app.identity_config.trust_domains:
+        log.warning(
+            "no trust domains configured: SPIFFE IDs of any trust domain are accepted",
+            extra={"event": "trust_domains_unset"},
+        )
     if not await asyncio.to_thread(app.identity_root.start):
         # Checks with tokens from that issuer fail closed until its keys load; mTLS callers
         # keep working, so this is not a reason to stay NOT_SERVING.
@@ -361,7 +368,6 @@ async def _watch(app: App, reload_now: asyncio.Event) -> None:
     """Reload on SIGHUP, or when the directory's content changes (polled: works for
     ConfigMap symlink swaps, which inotify-style watchers often miss)."""
     interval = app.settings.watch_interval
-    seen = await asyncio.to_thread(app.store.fingerprint)
     revocation_file = app.settings.revocation_file
     seen_revoked = fingerprint(revocation_file) if revocation_file else ""
     while True:
@@ -374,9 +380,10 @@ async def _watch(app: App, reload_now: asyncio.Event) -> None:
             pass
         forced = reload_now.is_set()
         reload_now.clear()
+        # Compared with what the last reload actually read (not what was seen before it): a
+        # reload that read a half-swapped ConfigMap and failed is retried on the next poll.
         current = await asyncio.to_thread(app.store.fingerprint)
-        if forced or current != seen:
-            seen = current
+        if forced or current != app.store.attempted:
             await asyncio.to_thread(app.store.reload)
         if revocation_file is not None:
             revoked_now = await asyncio.to_thread(fingerprint, revocation_file)

@@ -54,7 +54,14 @@ from opentelemetry.trace import (
 )
 
 from extauthz import __version__
-from extauthz.decision_log import clean, safe_host, safe_path
+from extauthz.decision_log import (
+    allow_rule_of,
+    clean,
+    presented_of,
+    route_of,
+    safe_host,
+    safe_path,
+)
 from extauthz.model import EMPTY, IdentitySource, Outcome, Request
 
 if TYPE_CHECKING:
@@ -224,10 +231,18 @@ class SpanRecorder:
         return NO_TRACE
 
 
+# HTTP semantic conventions: a method outside this set is reported as "_OTHER", the original
+# (cleaned) in http.request.method_original.
+_HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
+                           "TRACE", "PATCH"))
+
+
 def span_attributes(request: Request | None, result: CheckResult) -> dict[str, Any]:
     decision = result.decision
     attrs: dict[str, Any] = {
-        "rpc.system": "grpc",  # service and method are in the span name
+        "rpc.system": "grpc",
+        "rpc.service": "envoy.service.auth.v3.Authorization",
+        "rpc.method": "Check",
         "extauthz.decision": "allow" if decision.allowed else "deny",
         "extauthz.reason": decision.reason.value,
         "http.response.status_code": decision.outcome.http_status,
@@ -239,6 +254,9 @@ def span_attributes(request: Request | None, result: CheckResult) -> dict[str, A
         attrs["extauthz.rule"] = clean(decision.rule)
     if decision.dry_run:
         attrs["extauthz.dry_run"] = True
+        allow_rule = allow_rule_of(decision)
+        if allow_rule:
+            attrs["extauthz.allow_rule"] = allow_rule
     identity = decision.identity
     if identity is not None:
         principal = clean(identity.principal, 512)
@@ -249,10 +267,22 @@ def span_attributes(request: Request | None, result: CheckResult) -> dict[str, A
             attrs["extauthz.trust_domain"] = clean(identity.trust_domain)
         if identity.source is IdentitySource.JWT and identity.issuer:
             attrs["extauthz.jwt.issuer"] = clean(identity.issuer, 512)
+    else:
+        presented = presented_of(decision)  # a revoked / foreign identity, refused (401)
+        if presented:
+            attrs["extauthz.presented_principal"] = presented
     if result.limit is not None:
         attrs["extauthz.ratelimit.remaining"] = result.limit.remaining
+    route = route_of(request)
+    if route:
+        attrs["extauthz.route"] = route  # Envoy's route name (context_extensions)
     if request is not None and request.is_http:
-        attrs["http.request.method"] = clean(request.method, 32)
+        method = request.method
+        if method in _HTTP_METHODS:
+            attrs["http.request.method"] = method
+        else:
+            attrs["http.request.method"] = "_OTHER"
+            attrs["http.request.method_original"] = clean(method, 32)
         attrs["url.path"] = safe_path(request.path)
         attrs["server.address"] = safe_host(request.host)
     return attrs

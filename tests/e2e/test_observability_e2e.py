@@ -115,6 +115,39 @@ def test_envoy_access_log_span_and_decision_log_agree_on_the_principal(
     assert line["principal"] == CHECKOUT and line["decision"] == "allow"
     assert line["trace_id"] == TRACE
     assert f"0x{line['span_id']}" == span["context"]["span_id"]
+    # The route Envoy named in the check (context_extensions) is the one in its access log.
+    assert line["route"] == entry["route"] and line["route"]
+    assert span["attributes"]["extauthz.route"] == entry["route"]
+
+
+@pytest.mark.e2e
+def test_b3_headers_through_envoy_make_the_span_a_child_too(obs_stack: DevStack) -> None:
+    stack = obs_stack
+    trace, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    path = f"/v1/orders/{uuid.uuid4().hex[:12]}"
+    resp = call(stack, stack.issue_svid(CHECKOUT), "GET", ORDERS, path,
+                headers={"x-b3-traceid": trace, "x-b3-spanid": parent, "x-b3-sampled": "1"})
+    assert resp.status == 200, resp
+
+    def spans() -> list[dict[str, Any]]:
+        return [e for e in _json_lines(stack.extauthz_log_path)
+                if e.get("context", {}).get("trace_id") == f"0x{trace}"]
+
+    [span] = _wait("the extauthz span", spans)
+    assert span["parent_id"] == f"0x{parent}"
+    assert span["attributes"]["url.path"] == path
+    # An unsampled B3 parent: no span, but the log line still names the caller's trace.
+    unsampled = uuid.uuid4().hex
+    path2 = f"/v1/orders/{uuid.uuid4().hex[:12]}"
+    resp = call(stack, stack.issue_svid(CHECKOUT), "GET", ORDERS, path2,
+                headers={"x-b3-traceid": unsampled, "x-b3-spanid": parent, "x-b3-sampled": "0"})
+    assert resp.status == 200, resp
+    decisions = Path(str(stack.workdir)) / "decisions.log"
+    [line] = _wait("the decision-log line",
+                   lambda: [e for e in _json_lines(decisions) if e.get("path") == path2])
+    assert line["trace_id"] == unsampled and line["span_id"] is None
+    assert not [e for e in _json_lines(stack.extauthz_log_path)
+                if e.get("context", {}).get("trace_id") == f"0x{unsampled}"]
 
 
 @pytest.mark.e2e

@@ -193,3 +193,141 @@ def test_bad_observability_settings_fail_at_start(policy_dir: Path, tmp_path: Pa
             capture_output=True, text=True, timeout=30, cwd=REPO)
         assert out.returncode == 2, (args, out.stderr)
         assert needle in out.stderr, (args, out.stderr)
+
+
+# -- real credentials: a signed JWT and a peer certificate never reach any output -----------
+
+IDP = "https://login.prod.example"
+
+
+def _jwt_material(tmp_path: Path) -> tuple[Any, str, dict[str, Any]]:
+    """An ES256 key, its JWKS file, and the public JWK (whose coordinates must not leak)."""
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(pyjwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", alg="ES256", use="sig")
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [jwk]}))
+    return key, str(path), jwk
+
+
+def _token(key: Any, sub: str) -> str:
+    import jwt as pyjwt
+
+    now = int(time.time())
+    return pyjwt.encode({"iss": IDP, "sub": sub, "aud": "orders", "iat": now, "exp": now + 300,
+                         "jti": "jti-" + sub[:8]}, key, algorithm="ES256",
+                        headers={"kid": "k1"})
+
+
+def check_full(target: str, *, principal: str = "", certificate: str = "",
+               path: str = "/v1/orders/1", headers: dict[str, str] | None = None,
+               route: str = "") -> ea.CheckResponse:
+    req = ea.CheckRequest()
+    req.attributes.source.principal = principal
+    req.attributes.source.certificate = certificate
+    if route:
+        req.attributes.context_extensions["route"] = route
+    http = req.attributes.request.http
+    http.method, http.host, http.path = "GET", "orders.mesh.local", path
+    http.headers.update(headers or {})
+    with grpc.insecure_channel(target) as ch:
+        return ea_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+
+
+def test_a_real_jwt_and_peer_certificate_never_reach_spans_logs_or_metrics(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    from urllib.parse import quote
+
+    from extauthz.certs import CertificateAuthority
+
+    key, jwks_file, jwk = _jwt_material(tmp_path)
+    token = _token(key, "batch-job")
+    evil_sub = "job\r\nX-Injected: 1\r\n{\"decision\":\"allow\"}\x00" + "A" * 1800
+    evil = _token(key, evil_sub)
+    svid = CertificateAuthority.create("prod.example").issue_svid(CHECKOUT)
+    cert_pem = svid.cert_pem.decode()
+    cert_body = "".join(cert_pem.strip().splitlines()[1:-1])  # the base64 DER
+    config = tmp_path / "extauthz.yaml"
+    config.write_text(json.dumps({"trust_domains": ["prod.example"], "identity": {
+        "jwt": {"issuers": [{"issuer": IDP, "audiences": ["orders"], "jwks_file": jwks_file}]},
+    }}))
+    metrics_port = free_port()
+    decisions = tmp_path / "decisions.log"
+    args = ["--config", str(config), "--metrics-listen", f"127.0.0.1:{metrics_port}",
+            "--decision-log", str(decisions)]
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    sampled = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+    with running_server(policy_dir, tmp_path, args, env) as srv:
+        # JWT wins over the (also present) peer certificate: a JWT identity, denied by policy.
+        r1 = check_full(srv.target, principal=CHECKOUT, certificate=quote(cert_pem),
+                        headers={**sampled, "authorization": f"Bearer {token}",
+                                 "cookie": f"session={token}"}, route="orders-api")
+        # mTLS with the real certificate checked: allowed.
+        r2 = check_full(srv.target, principal=CHECKOUT, certificate=quote(cert_pem),
+                        headers=sampled, route="orders-api")
+        # A validly signed token whose subject is CRLF-laden, NUL-bearing and ~1.9 KB.
+        r3 = check_full(srv.target, headers={**sampled, "authorization": f"Bearer {evil}"})
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=5) as resp:
+            metrics_text = resp.read().decode()
+    assert r1.denied_response.status.code == 403, r1
+    assert r2.HasField("ok_response"), r2
+    assert r3.denied_response.status.code == 403, r3
+    log_text = srv.log()
+    decision_text = decisions.read_text()
+
+    secrets = {"token": token, "evil token": evil, "certificate body": cert_body,
+               "certificate (url-encoded)": quote(cert_pem)[:200], "JWK x": jwk["x"],
+               "JWK y": jwk["y"], "token signature": token.rsplit(".", 1)[1],
+               "token payload": token.split(".")[1]}
+    for where, text in (("stdout/stderr", log_text), ("decision log", decision_text),
+                        ("metrics", metrics_text)):
+        for what, secret in secrets.items():
+            assert secret not in text, f"{what} leaked into {where}"
+        assert "BEGIN CERTIFICATE" not in text, where
+    assert "batch-job" not in metrics_text  # raw JWT subjects are never labels
+
+    # Every line of every output is still one JSON object (no line was split).
+    raw_lines = decision_text.splitlines()
+    assert len(raw_lines) == 3
+    entries = [json.loads(line) for line in raw_lines]
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    for entry in entries:
+        validator.validate(entry)
+    assert (entries[0]["principal"], entries[0]["identity_source"], entries[0]["issuer"]) == \
+        ("batch-job", "jwt", IDP)
+    assert entries[0]["route"] == "orders-api" and entries[2]["route"] is None
+    assert (entries[1]["principal"], entries[1]["identity_source"], entries[1]["decision"]) == \
+        (CHECKOUT, "mtls", "allow")
+    weird = entries[2]["principal"]
+    assert weird.startswith("job\\r\\nX-Injected") and len(weird) <= 512
+    assert "\r" not in decision_text and "\x00" not in decision_text
+    for line in log_text.splitlines():
+        if line.strip():
+            json.loads(line)  # operational logs and console spans: each line parses
+    spans = [e for e in json_lines(log_text) if "context" in e and "parent_id" in e]
+    assert len(spans) == 3
+    assert {s["attributes"].get("extauthz.route") for s in spans} == {"orders-api", None}
+    assert any(s["attributes"]["enduser.id"].startswith("job\\r\\nX-Injected") for s in spans)
+
+
+def test_sampling_zero_still_logs_every_denial_and_every_dry_run(
+    policy_dir: Path, tmp_path: Path
+) -> None:
+    decisions = tmp_path / "decisions.log"
+    args = ["--no-tracing", "--decision-log", str(decisions),
+            "--decision-log-sample-allowed", "0"]
+    with running_server(policy_dir, tmp_path, args) as srv:
+        for _ in range(3):
+            assert check(srv.target, CHECKOUT) == 200  # allowed: sampled out
+        assert check(srv.target, CART, "/v1/audit/x") == 200  # dry-run would deny: kept
+        assert check(srv.target, STRANGER) == 403  # denial: kept
+        assert check(srv.target, "not-a-spiffe-id") == 401  # denial: kept
+    entries = json_lines(decisions.read_text())
+    assert [(e["reason"], e["dry_run"]) for e in entries] == [
+        ("dry_run_would_deny", True), ("principal_not_allowed", False),
+        ("invalid_identity", False)]

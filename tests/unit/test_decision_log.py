@@ -6,13 +6,23 @@ import io
 import json
 import os
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
-from extauthz.decision_log import DecisionLog, clean, fast_line, format_line, record
+from extauthz.decision_log import (
+    ROUTE_KEY,
+    SCHEMA_MINOR,
+    SCHEMA_VERSION,
+    DecisionLog,
+    clean,
+    fast_line,
+    format_line,
+    record,
+)
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
 from extauthz.pipeline import CheckResult
 from extauthz.ratelimit import LimitResult
@@ -64,6 +74,33 @@ CASES: list[tuple[Request | None, CheckResult]] = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class _WiredDecision(Decision):
+    """Decision as it will be once the pipeline carries these (model.py change); the log
+    reads them with getattr, so the same test holds before and after."""
+
+    presented_principal: str = ""
+    allow_rule: str = ""
+
+
+def wired(decision: Decision, **extra: Any) -> Decision:
+    if all(hasattr(decision, k) for k in extra):
+        return replace(decision, **extra)  # type: ignore[arg-type]
+    return _WiredDecision(**{f.name: getattr(decision, f.name) for f in fields(decision)},
+                          **extra)
+
+
+ROUTED = Request(method="GET", host="orders.demo.local", path="/v1/orders/1",
+                 context_extensions={ROUTE_KEY: "orders-api"})
+REVOKED = CheckResult(wired(Decision(Outcome.UNAUTHENTICATED, Reason.REVOKED,
+                                     "principal is revoked", policy_version="0123456789abcdef"),
+                            presented_principal=PRINCIPAL))
+FOREIGN = CheckResult(wired(Decision(Outcome.UNAUTHENTICATED, Reason.UNTRUSTED_TRUST_DOMAIN),
+                            presented_principal="spiffe://other.example/sa/x\r\n" + "a" * 900))
+DRY_RUN_WIRED = CheckResult(wired(DRY_RUN.decision, allow_rule="read-orders"))
+CASES += [(ROUTED, REVOKED), (ROUTED, FOREIGN), (ROUTED, DRY_RUN_WIRED)]
+
+
 def lines(buf: io.BytesIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in buf.getvalue().decode("ascii").splitlines()]
 
@@ -95,12 +132,72 @@ def test_the_writers_fast_formatter_writes_exactly_the_record(
             record(ts, req, result, 0.000123, trace_id=trace_id, span_id=span_id))
 
 
+V1_0_FIELDS = [
+    "schema_version", "time", "trace_id", "span_id", "principal", "identity_source",
+    "trust_domain", "issuer", "method", "host", "path", "decision", "status", "reason",
+    "rule", "policy_version", "cache_hit", "dry_run", "ratelimit_remaining", "latency_us",
+    "token_lifetime_s",
+]
+
+
 def test_schema_lists_every_field_and_every_reason() -> None:
     schema = json.loads(SCHEMA_PATH.read_text())
     entry = record(time.time(), REQ, allow(), 0.001)
-    assert list(schema["required"]) == list(entry)  # same fields, same order
+    assert list(schema["properties"]) == list(entry)  # same fields, same order
     assert set(schema["properties"]["reason"]["enum"]) == {r.value for r in Reason}
     assert schema["properties"]["schema_version"]["const"] == entry["schema_version"]
+
+
+def test_schema_version_is_honest_minor_versions_only_append() -> None:
+    """1.1 appended six fields: the major in every line is unchanged, 1.0 fields keep their
+    order and stay the required ones, so a 1.0 line still validates."""
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert schema["x-schema-version"] == f"{SCHEMA_VERSION}.{SCHEMA_MINOR}" == "1.1"
+    assert schema["required"] == V1_0_FIELDS
+    entry = record(time.time(), REQ, allow(), 0.001)
+    assert list(entry)[: len(V1_0_FIELDS)] == V1_0_FIELDS
+    assert list(entry)[len(V1_0_FIELDS):] == [
+        "route", "presented_principal", "allow_rule", "subject", "peer", "notes"]
+    old_line = {k: v for k, v in entry.items() if k in V1_0_FIELDS}
+    validator().validate(old_line)
+    with pytest.raises(jsonschema.ValidationError):
+        validator().validate({**entry, "undocumented": 1})
+
+
+def test_route_comes_from_envoys_context_extensions() -> None:
+    from extauthz.envoy_config import ROUTE_CONTEXT_KEY
+
+    assert ROUTE_KEY == ROUTE_CONTEXT_KEY  # the key the generated Envoy config sets
+    assert record(1.0, ROUTED, DENY, 0.001)["route"] == "orders-api"
+    assert record(1.0, REQ, DENY, 0.001)["route"] is None
+    assert record(1.0, None, DENY, 0.001)["route"] is None
+    odd = Request(context_extensions={ROUTE_KEY: "r\r\n" * 200})
+    route = record(1.0, odd, DENY, 0.001)["route"]
+    assert "\r" not in route and len(route) <= 256
+
+
+def test_presented_principal_only_for_revoked_and_foreign_401s() -> None:
+    entry = record(1.0, ROUTED, REVOKED, 0.001)
+    assert (entry["principal"], entry["presented_principal"], entry["status"]) == \
+        (None, PRINCIPAL, 401)
+    foreign = record(1.0, ROUTED, FOREIGN, 0.001)["presented_principal"]
+    assert len(foreign) <= 512 and "\n" not in foreign and foreign.endswith("...")
+    # Other reasons never carry it, even if a decision had it set.
+    other = CheckResult(wired(Decision(Outcome.UNAUTHENTICATED, Reason.INVALID_IDENTITY),
+                              presented_principal=PRINCIPAL))
+    assert record(1.0, REQ, other, 0.001)["presented_principal"] is None
+    # Before the pipeline carries it: null, not an error.
+    plain = CheckResult(Decision(Outcome.UNAUTHENTICATED, Reason.REVOKED))
+    assert record(1.0, REQ, plain, 0.001)["presented_principal"] is None
+
+
+def test_allow_rule_only_for_dry_run_decisions() -> None:
+    entry = record(1.0, REQ, DRY_RUN_WIRED, 0.001)
+    assert (entry["rule"], entry["allow_rule"], entry["dry_run"]) == \
+        ("new-rule", "read-orders", True)
+    assert record(1.0, REQ, DRY_RUN, 0.001)["allow_rule"] is None
+    enforced = CheckResult(wired(allow().decision, allow_rule="read-orders"))
+    assert record(1.0, REQ, enforced, 0.001)["allow_rule"] is None
 
 
 def test_fields_of_an_allowed_line() -> None:
@@ -255,3 +352,16 @@ def test_the_combined_observer_logs_with_the_span_ids_and_survives_a_failing_par
     assert (first["trace_id"], first["span_id"]) == (TRACE, SPAN)
     assert (second["trace_id"], second["span_id"]) == (None, None)
     assert sum(metrics.checks.values()) == 2
+
+
+def test_the_documented_example_lines_are_current() -> None:
+    """docs/observability.md shows real lines from the demo: they must still match the
+    schema and the writer's field order (regenerate them when a field is added)."""
+    doc = (SCHEMA_PATH.parent / "observability.md").read_text()
+    examples = [json.loads(line) for line in doc.splitlines()
+                if line.startswith('{"schema_version":')]
+    assert len(examples) >= 3
+    fields_now = list(record(time.time(), REQ, allow(), 0.001))
+    for entry in examples:
+        validator().validate(entry)
+        assert list(entry) == fields_now

@@ -144,6 +144,76 @@ def test_app_metrics_are_read_lazily_at_scrape_time() -> None:
     assert samples(registry)[("extauthz_decision_cache_hits_total", ())] == 8
 
 
+def test_revocation_reload_failures_and_jwks_state_are_exposed() -> None:
+    app = SimpleNamespace(cache=Cache(), store=Store(compiled(RULES)),
+                          revocation_failures=2, revocation_version="abc123")
+    good = SimpleNamespace(name="https://a.example", fetch_count=3, ready=True, last_error="")
+    bad = SimpleNamespace(name="https://b.example", fetch_count=4, ready=False,
+                          last_error="URLError: refused")
+    s = samples(registry_for(Sources(app=app, key_caches=lambda: [good, bad]), process=False))
+    assert s[("extauthz_revocation_reload_failures_total", ())] == 2
+    assert s[("extauthz_revocation_info", (("version", "abc123"),))] == 1
+    assert s[("extauthz_jwks_fetches_total", (("issuer", "https://b.example"),))] == 4
+    assert s[("extauthz_jwks_last_fetch_failed", (("issuer", "https://a.example"),))] == 0
+    assert s[("extauthz_jwks_last_fetch_failed", (("issuer", "https://b.example"),))] == 1
+    assert s[("extauthz_jwks_ready", (("issuer", "https://b.example"),))] == 0
+
+
+def test_real_jwks_caches_are_found_after_a_revocation_reload(tmp_path: Any) -> None:
+    """A revocation reload swaps in a resolver that shares the JWKS caches without owning
+    them: the metrics must still find them (on App.identity_root)."""
+    import json
+    from pathlib import Path
+
+    from extauthz.jwks import JwksCache
+    from extauthz.observability import _key_caches
+    from extauthz.server import apply_revocations, build_app
+    from extauthz.settings import Settings
+
+    policy = Path(tmp_path) / "policy"
+    policy.mkdir()
+    (policy / "p.yaml").write_text(json.dumps({
+        "apiVersion": "extauthz/v1", "owner": "o", "service": "s", "hosts": ["h.example"],
+        "principals": [{"name": "checkout", "spiffe": CHECKOUT}],
+        "rules": [{"name": "r", "methods": ["GET"], "path_prefix": "/", "allow": ["checkout"]}],
+    }))
+    jwks = Path(tmp_path) / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    revoked = Path(tmp_path) / "revoked.yaml"
+    revoked.write_text("principals: []\n")
+    settings = Settings(policy=policy, revocation_file=revoked, identity={"jwt": {"issuers": [
+        {"issuer": "https://idp.example", "audiences": ["s"], "jwks_file": str(jwks)}]}})
+    app = build_app(settings)
+    assert apply_revocations(app)
+    assert app.authorizer.identity is not app.identity_root
+    caches = list(_key_caches(app))
+    assert [c.name for c in caches] == ["https://idp.example"]
+    assert all(isinstance(c, JwksCache) for c in caches)
+    s = samples(registry_for(Sources(app=app, key_caches=lambda: _key_caches(app)),
+                             process=False))
+    assert ("extauthz_jwks_fetches_total", (("issuer", "https://idp.example"),)) in s
+    assert s[("extauthz_revocation_reload_failures_total", ())] == 0
+    revoked.write_text("principals: {not: a list}\n")
+    assert not apply_revocations(app)
+    s = samples(registry_for(Sources(app=app), process=False))
+    assert s[("extauthz_revocation_reload_failures_total", ())] == 1
+
+
+def test_real_jwks_cache_refreshes_and_failures_are_counted() -> None:
+    from extauthz.jwks import JwksCache
+
+    def failing() -> bytes:
+        raise OSError("connection refused")
+
+    cache = JwksCache(failing, name="https://idp.example")
+    assert cache.refresh() is False
+    s = samples(registry_for(Sources(key_caches=lambda: [cache]), process=False))
+    issuer = (("issuer", "https://idp.example"),)
+    assert s[("extauthz_jwks_fetches_total", issuer)] == 1
+    assert s[("extauthz_jwks_last_fetch_failed", issuer)] == 1
+    assert s[("extauthz_jwks_fetch_failures_total", issuer)] == 1
+
+
 def test_endpoint_serves_over_http_and_never_shows_a_token() -> None:
     m = CheckMetrics()
     m.observe(Request(headers={"authorization": f"Bearer {SECRET}"}), result(CHECKOUT), 0.001)
@@ -171,8 +241,10 @@ def test_every_metric_the_dashboard_queries_exists() -> None:
     m = CheckMetrics()
     m.observe(None, result(CHECKOUT), 0.001)
     app = SimpleNamespace(cache=Cache(), store=Store(compiled(RULES)),
-                          servicer=SimpleNamespace(stats=SimpleNamespace(errors=0)))
-    jwks = SimpleNamespace(name="i", fetch_count=1, ready=True, fetch_failures=0)
+                          servicer=SimpleNamespace(stats=SimpleNamespace(errors=0)),
+                          revocation_failures=0, revocation_version="")
+    jwks = SimpleNamespace(name="i", fetch_count=1, ready=True, fetch_failures=0,
+                           last_error="")
     dl = SimpleNamespace(written=0, dropped=0, sampled_out=0, write_errors=0, queued=0,
                          reopens=0)
     sp = SimpleNamespace(exported=0, dropped=0, export_failures=0, queued=0)
@@ -180,3 +252,32 @@ def test_every_metric_the_dashboard_queries_exists() -> None:
         Sources(metrics=m, app=app, decision_log=dl, span_processor=sp,
                 key_caches=lambda: [jwks]), process=False))}
     assert wanted - exposed == set()
+
+
+def test_the_documented_scrape_and_metric_table_are_current() -> None:
+    """Every metric named in docs/observability.md is one the collector can expose."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    named = set(re.findall(r"\bextauthz_[a-z_]+", doc))
+    m = CheckMetrics()
+    m.observe(None, result(CHECKOUT), 0.001)
+    m.observe(None, result(CHECKOUT, Outcome.RATE_LIMITED, Reason.RATE_LIMITED,
+                           LimitResult(False, 3, 0, 1.0, 1.0, backend_error=True)), 0.001)
+    app = SimpleNamespace(cache=Cache(), store=Store(compiled(RULES)),
+                          servicer=SimpleNamespace(stats=SimpleNamespace(errors=0)),
+                          revocation_failures=0, revocation_version="v")
+    jwks = SimpleNamespace(name="i", fetch_count=1, ready=True, fetch_failures=0, last_error="")
+    dl = SimpleNamespace(written=0, dropped=0, sampled_out=0, write_errors=0, queued=0,
+                         reopens=0)
+    sp = SimpleNamespace(exported=0, dropped=0, export_failures=0, queued=0)
+    exposed = {name for name, _ in samples(registry_for(
+        Sources(metrics=m, app=app, decision_log=dl, span_processor=sp,
+                key_caches=lambda: [jwks]), process=False))}
+    families = {n.removesuffix("_total").removesuffix("_bucket").removesuffix("_count")
+                .removesuffix("_sum") for n in exposed}
+    # The table abbreviates `extauthz_decision_cache_hits_total, _misses_total`.
+    missing = {n for n in named if n not in exposed and n.removesuffix("_total") not in families
+               and not n.endswith("_")}
+    assert missing == set()

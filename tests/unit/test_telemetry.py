@@ -187,6 +187,39 @@ def test_no_token_query_or_certificate_in_attributes_and_odd_values_are_escaped(
     assert a["extauthz.jwt.issuer"] == "https://issuer\\n.test"
 
 
+def test_route_presented_principal_allow_rule_and_odd_methods() -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True, slots=True)
+    class Wired(Decision):  # what model.Decision will carry once the pipeline sets these
+        presented_principal: str = ""
+        allow_rule: str = ""
+
+    rec, exporter = recorder()
+    req = Request(method="PURGE\r\n", host="orders.demo.local", path="/v1/x",
+                  headers={"traceparent": f"00-{TRACE}-{PARENT}-01"},
+                  context_extensions={"route": "orders-api"})
+    revoked = CheckResult(Wired(Outcome.UNAUTHENTICATED, Reason.REVOKED,
+                                presented_principal=PRINCIPAL))
+    rec.record(req, revoked, 0.001)
+    a = one_span(exporter).attributes
+    assert a is not None
+    assert a["extauthz.route"] == "orders-api"
+    assert a["extauthz.presented_principal"] == PRINCIPAL and "enduser.id" not in a
+    assert a["http.request.method"] == "_OTHER"
+    assert a["http.request.method_original"] == "PURGE\\r\\n"
+    assert (a["rpc.service"], a["rpc.method"]) == ("envoy.service.auth.v3.Authorization", "Check")
+    exporter.clear()
+    dry = CheckResult(Wired(Outcome.ALLOW, Reason.DRY_RUN, rule="new-deny", identity=IDENTITY,
+                            dry_run=True, allow_rule="read-orders"))
+    rec.record(request({"traceparent": f"00-{TRACE}-{PARENT}-01"}), dry, 0.001)
+    a = one_span(exporter).attributes
+    assert a is not None
+    assert (a["extauthz.rule"], a["extauthz.allow_rule"], a["extauthz.dry_run"]) == \
+        ("new-deny", "read-orders", True)
+    assert "extauthz.route" not in a
+
+
 class _Exploding:
     def start_span(self, *args: object, **kwargs: object) -> None:
         raise AssertionError("no span expected")
