@@ -17,9 +17,9 @@ Which decisions exercise a grant:
 * `allowed` / `rate_limited` (and `internal_error` with a rule): the logged `rule` allowed the
   caller; the allow entries of that rule that match the caller were used.
 * `dry_run_would_deny`: the logged rule is the dry-run rule that would deny; the rule that
-  actually allowed is not logged, so every candidate rule of the route whose allow list
-  contains the caller counts as used (conservative: never suggest removing a grant that may
-  have been exercised).
+  actually allowed is `allow_rule` (decision log 1.1). In older logs it is not recorded, so
+  every candidate rule of the route whose allow list contains the caller counts as used
+  (conservative: never suggest removing a grant that may have been exercised).
 JWT principals declared by claims only cannot be matched (the log has no claims); a use by
 their issuer is attributed to every such entry of the rule.
 """
@@ -348,6 +348,7 @@ class Reviewer:
         self.revoked: dict[str, _Seen] = {}
         self.revoked_allowed: dict[str, _Seen] = {}
         self.untrusted = _Seen()
+        self.untrusted_by: dict[str, _Seen] = {}
         self.foreign: dict[str, _Seen] = {}
         self.foreign_principals: dict[str, set[str]] = {}
         self.long_tokens: dict[tuple[str, str], _Seen] = {}
@@ -388,7 +389,12 @@ class Reviewer:
             principal = None
         status = rec.get("status")
         if status == 401:
-            self._unauthenticated(t, host or "-", reason, principal)
+            # Since decision-log 1.1, a revoked or foreign identity that was presented (and
+            # refused) is logged as `presented_principal`.
+            presented = rec.get("presented_principal")
+            if not isinstance(presented, str) or not presented:
+                presented = principal
+            self._unauthenticated(t, host or "-", reason, presented)
         elif principal is not None:
             self._hygiene(t, rec, principal)
         if reason == Reason.RATE_LIMITED.value and principal is not None:
@@ -494,6 +500,13 @@ class Reviewer:
         if not all(isinstance(x, str) for x in (host, method, path)):
             return
         assert isinstance(host, str) and isinstance(method, str) and isinstance(path, str)
+        allow_rule = rec.get("allow_rule")
+        exact = v.rules.get(allow_rule) if isinstance(allow_rule, str) else None
+        if exact is not None and exact.entries:  # decision-log 1.1 names the allowing rule
+            entries = self._identity_entries(v, exact, rec)
+            if entries:
+                self._use(t, rec, exact, entries)
+            return
         for cand in v.policy.candidates(host, method, path):
             cr = v.rules.get(cand.name)
             if cr is not None and cr.entries:
@@ -507,6 +520,8 @@ class Reviewer:
             self._bounded(self.revoked, principal or UNRECORDED, t)
         elif reason == Reason.UNTRUSTED_TRUST_DOMAIN.value:
             self.untrusted.add(t)
+            if principal is not None:
+                self._bounded(self.untrusted_by, principal, t)
         minute = t[:16]
         state = self._burst.get(host)
         if state is None or state[0] != minute:
@@ -781,10 +796,18 @@ class Reviewer:
                 f"policy never names (expected: {', '.join(sorted(self.expected_tds))}): {who}",
                 {**seen.as_dict(), "principals": sorted(self.foreign_principals.get(td, ()))}))
         if self.untrusted.count:
+            named = sum(s.count for s in self.untrusted_by.values())
+            who = ", ".join(f"{p} ({s.count})" for p, s in sorted(self.untrusted_by.items())[:10])
+            tail = f": {who}" if who else ""
+            if named < self.untrusted.count:
+                missing = self.untrusted.count - named
+                tail += f"; {missing} without a recorded identity (pre-1.1 logs)"
             out.append(Finding(
                 "medium", "untrusted_trust_domain", "(trust domains)",
-                f"{self.untrusted.count} requests were refused for an untrusted trust domain "
-                "(the log does not record the presented identity)", self.untrusted.as_dict()))
+                f"{self.untrusted.count} requests were refused for an untrusted trust domain"
+                f"{tail}",
+                {**self.untrusted.as_dict(),
+                 "presented": {p: s.count for p, s in sorted(self.untrusted_by.items())}}))
         for principal, seen in sorted(self.revoked.items()):
             allowed = self.revoked_allowed.get(principal)
             if allowed is not None:
@@ -793,8 +816,8 @@ class Reviewer:
                     f"{principal} is on the revocation list but was allowed {allowed.count} "
                     f"times (last {allowed.last}); was that before it was revoked?",
                     allowed.as_dict()))
-            what = (f"{seen.count} requests presented revoked credentials (the log does not "
-                    "record whose)" if principal == UNRECORDED else
+            what = (f"{seen.count} requests presented revoked credentials (a pre-1.1 log does "
+                    "not record whose)" if principal == UNRECORDED else
                     f"revoked identity {principal} still made {seen.count} requests")
             out.append(Finding("high", "revoked_still_trying", principal,
                                f"{what} (last {seen.last})", seen.as_dict()))

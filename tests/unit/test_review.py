@@ -210,3 +210,13 @@ def test_memory_is_bounded_by_caps_not_by_the_log(policy: CompiledPolicy) -> Non
     assert len(reviewer.denials) == 50
     assert reviewer.counts["denial_keys_overflow"] == 250
     assert reviewer.report().summary["overflow"]["denial_keys_overflow"] == 250
+
+
+def test_dry_run_records_of_log_1_1_name_the_rule_that_allowed(policy: CompiledPolicy) -> None:
+    billing = rec(policy, BILLING, "GET", "/v1/orders/1")
+    assert billing["allow_rule"] == "read-orders"
+    report = run(policy, [billing])
+    assert "billing -> read-orders" not in kinds(report, "unused_grant")
+    misattributed = {**billing, "allow_rule": "create-order"}  # billing has no entry there
+    report = run(policy, [misattributed])
+    assert "billing -> read-orders" in kinds(report, "unused_grant")

@@ -141,3 +141,15 @@ def test_long_lived_tokens_are_flagged(policy: CompiledPolicy) -> None:
     assert f.details["count"] == 2 and f.details["max_lifetime_s"] == 90000
     assert f.details["issuer"] == ISSUER
     assert not kinds(report, "token_lifetime_unknown")
+
+
+def test_since_log_1_1_the_presented_identity_is_named(policy: CompiledPolicy) -> None:
+    revoked = [rec(policy, None, "GET", "/", n, reason=Reason.REVOKED, presented_principal=LEGACY)
+               for n in range(2)]
+    foreign = [rec(policy, None, "GET", "/", n, reason=Reason.UNTRUSTED_TRUST_DOMAIN,
+                   presented_principal=EVIL) for n in range(3)]
+    report = run(policy, revoked + foreign)
+    assert kinds(report, "revoked_still_trying")[LEGACY].details["count"] == 2
+    assert "(not recorded)" not in kinds(report, "revoked_still_trying")
+    untrusted = kinds(report, "untrusted_trust_domain")["(trust domains)"]
+    assert untrusted.details["presented"] == {EVIL: 3} and EVIL in untrusted.message
