@@ -64,6 +64,7 @@ class _Defaults:
     route_name: str = "default"
     sds_svid_name: str = "default"
     sds_bundle_name: str = "ROOTCA"
+    principal_header: str = "x-extauthz-principal"
 
 
 DEFAULTS = _Defaults()
@@ -90,7 +91,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--extauthz",
         default=d.extauthz,
         metavar="ADDR",
-        help="where extauthz listens: HOST:PORT or unix:/path (default %(default)s)",
+        help="where extauthz listens: HOST:PORT or unix:/path (default %(default)s); a "
+        "HOST:PORT that is not loopback needs --extauthz-tls (no plaintext authz calls across "
+        "the network)",
     )
     p.add_argument(
         "--upstream",
@@ -164,6 +167,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="with --extauthz-tls: the SPIFFE ID extauthz's certificate must carry",
     )
     p.add_argument(
+        "--principal-header",
+        default=d.principal_header,
+        metavar="NAME",
+        help="the header extauthz sets to the caller's principal: the same value as extauthz "
+        "serve --principal-header (default %(default)s). The rendered filter strips a caller's "
+        "copy of it (and of x-extauthz-principal / x-extauthz-rule) before ext_authz runs",
+    )
+    p.add_argument(
         "--access-log", default=None, metavar="FILE", help="access log file (default stdout)"
     )
     p.add_argument(
@@ -220,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
                 sds_socket=args.sds,
                 sds_svid_name=args.sds_svid,
                 sds_bundle_name=args.sds_bundle,
+                principal_header=args.principal_header,
             ),
         )
     except ValueError as exc:
@@ -229,6 +241,12 @@ def run(args: argparse.Namespace) -> int:
         print(
             "extauthz envoy-config: WARNING: failure_mode_allow: true lets every request "
             "through while extauthz is down or slow",
+            file=sys.stderr,
+        )
+    if config.extauthz_tls and not config.extauthz_spiffe_id:
+        print(
+            "extauthz envoy-config: WARNING: --extauthz-tls without --extauthz-spiffe-id "
+            "accepts any certificate from the trust bundle as extauthz's",
             file=sys.stderr,
         )
     text = render_variant(args.variant, config).yaml()

@@ -512,6 +512,7 @@ def unpack(any_msg: Any) -> Any:
 
 HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 EXT_AUTHZ = "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+NETWORK_EXT_AUTHZ = "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz"
 EXT_AUTHZ_PER_ROUTE = "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
 ROUTER = "envoy.extensions.filters.http.router.v3.Router"
 FILTER_CONFIG = "envoy.config.route.v3.FilterConfig"
@@ -671,6 +672,7 @@ class _Doctor:
     domains: list[tuple[str, str]] = field(default_factory=list)  # (domain, path)
     routes_known: bool = True
     ext_authz_seen: bool = False
+    http_ext_authz_seen: bool = False  # policy hosts only matter to HTTP virtual hosts
 
     def add(self, check_id: str, path: str, detail: str) -> None:
         assert check_id in CHECKS, check_id
@@ -688,7 +690,7 @@ class _Doctor:
             self.add("config.no_ext_authz", "$.static_resources.listeners",
                      "no http_filters entry of type ExtAuthz in any listener")
         self.clusters()
-        if self.policy is not None and self.routes_known and self.ext_authz_seen:
+        if self.policy is not None and self.routes_known and self.http_ext_authz_seen:
             self.policy_hosts()
         return sort_findings(self.findings)
 
@@ -707,6 +709,12 @@ class _Doctor:
                              f"{label}: network filter {flt.name!r} comes from ECDS")
                     continue
                 kind = type_of(flt.typed_config)
+                if kind == NETWORK_EXT_AUTHZ:
+                    cfg = unpack(flt.typed_config)
+                    if cfg is not None:
+                        self.network_ext_authz(cfg, f"{fpath}.typed_config", label)
+                        self.downstream_tls(chain, cpath, label)
+                    continue
                 if kind != HCM:
                     continue
                 hcm = unpack(flt.typed_config)
@@ -714,6 +722,32 @@ class _Doctor:
                     continue
                 if self.hcm(hcm, f"{fpath}.typed_config", label):
                     self.downstream_tls(chain, cpath, label)
+
+    def network_ext_authz(self, cfg: Any, path: str, label: str) -> None:
+        """The network (TCP) ext_authz filter: one check per connection. It has no
+        status_on_error (a failed check closes the connection), so only the settings it shares
+        with the HTTP filter are checked, under the same ids."""
+        self.ext_authz_seen = True
+        if cfg.failure_mode_allow:
+            self.add("ext_authz.failure_mode_allow", f"{path}.failure_mode_allow",
+                     f"{label}: network ext_authz failure_mode_allow is true")
+        if cfg.filter_enabled_metadata is not None:
+            self.add("ext_authz.partially_enabled", f"{path}.filter_enabled_metadata",
+                     f"{label}: connections whose metadata does not match are not checked")
+        if not cfg.include_peer_certificate:
+            self.add("ext_authz.peer_certificate_not_included",
+                     f"{path}.include_peer_certificate",
+                     f"{label}: include_peer_certificate is not true")
+        grpc = cfg.grpc_service
+        if grpc is None:
+            return
+        if grpc.timeout is None:
+            self.add("ext_authz.timeout_missing", f"{path}.grpc_service.timeout",
+                     f"{label}: grpc_service.timeout is unset (Envoy applies 200ms)")
+        elif grpc.timeout <= timedelta(0):
+            self.add("ext_authz.timeout_missing", f"{path}.grpc_service.timeout",
+                     f"{label}: grpc_service.timeout is 0s (no deadline)")
+        self.service(grpc, f"{path}.grpc_service")
 
     def downstream_tls(self, chain: Any, cpath: str, label: str) -> None:
         socket = chain.transport_socket
@@ -780,6 +814,7 @@ class _Doctor:
                      f"{label}: this HTTP connection manager has no ext_authz filter")
             return False
         self.ext_authz_seen = True
+        self.http_ext_authz_seen = True
         for a in authz:
             self.ext_authz(a, label)
             if router is not None and a.index > router:

@@ -15,6 +15,8 @@ The safety-relevant settings (explained one by one in `envoy/README.md`):
   timeout), gets the peer certificate, and never the request body;
 * caller-supplied `x-extauthz-principal` / `x-extauthz-rule` headers are removed before
   ext_authz runs, so the only values the upstream can see are the ones extauthz set;
+* extauthz is reached on loopback or a unix socket: a non-loopback plaintext address is
+  refused (`extauthz envoy-config --extauthz-tls` renders mTLS to a remote extauthz);
 * paths are normalized (RFC 3986, merged slashes) before authorization and escaped slashes are
   rejected, so the policy and the upstream see one and the same path;
 * the XFCC header is sanitized and set from the verified certificate's URI SAN only;
@@ -93,17 +95,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--certs-dir", default=DEFAULT_CERTS_DIR)
     p.add_argument("--access-log", default=None, help="file path (default: stdout)")
     args = p.parse_args(argv)
-    config = config_with_certs_dir(
-        args.certs_dir,
-        SidecarConfig(
-            listen_address=args.listen_address,
-            listen_port=args.listen_port,
-            upstream_port=args.upstream_port,
-            extauthz=args.extauthz,
-            admin_port=args.admin_port,
-            access_log_path=args.access_log,
-        ),
-    )
+    try:
+        config = config_with_certs_dir(
+            args.certs_dir,
+            SidecarConfig(
+                listen_address=args.listen_address,
+                listen_port=args.listen_port,
+                upstream_port=args.upstream_port,
+                extauthz=args.extauthz,
+                admin_port=args.admin_port,
+                access_log_path=args.access_log,
+            ),
+        )
+    except ValueError as exc:
+        # e.g. a non-loopback --extauthz: mTLS to extauthz is `extauthz envoy-config
+        # --extauthz-tls`; this script renders the shipped, loopback-only defaults.
+        print(f"{p.prog}: {exc}", file=sys.stderr)
+        return 2
     # The header describes the defaults; only the default rendering carries it.
     text = render_yaml(config, header=config == defaults)
     if args.check:

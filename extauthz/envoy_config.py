@@ -14,8 +14,11 @@ The safety settings (explained one by one in `envoy/README.md`):
 * mTLS listener that *requires* a client certificate chaining to the trust bundle;
 * ext_authz fails closed (`failure_mode_allow: false`, 503 on error, 250 ms timeout), gets the
   peer certificate, and never the request body (unless an operator asks for it);
-* caller-supplied `x-extauthz-principal` / `x-extauthz-rule` headers are removed before
-  ext_authz runs, so the only values the upstream can see are the ones extauthz set;
+* caller-supplied `x-extauthz-principal` / `x-extauthz-rule` headers (and the principal header
+  extauthz was renamed to use, `principal_header`) are removed before ext_authz runs, so the
+  only values the upstream can see are the ones extauthz set;
+* the authz call never crosses the network in plaintext: a TCP address for extauthz must be
+  loopback unless Envoy speaks mTLS to it (`extauthz_tls`);
 * paths are normalized (RFC 3986, merged slashes) before authorization and escaped slashes are
   rejected, so the policy and the upstream see one and the same path;
 * the XFCC header is sanitized and set from the verified certificate's URI SAN only;
@@ -169,6 +172,42 @@ DEFAULT_ROUTE_NAME = "default"
 
 DEFAULT_CERTS_DIR = "/etc/extauthz/certs"
 
+# An HTTP header name as extauthz sets it (RFC 9110 token, lower case: Envoy's header maps are).
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+# Headers Envoy or extauthz itself rely on: renaming the principal header to one of them would
+# make the strip filter delete what authorization needs.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "authorization",
+        "x-forwarded-client-cert",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "te",
+        REASON_HEADER,
+    }
+)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for names and addresses that never leave the host. Kept in step with
+    `extauthz.doctor` (its `authz_cluster.plaintext` check); a test compares the two."""
+    host = host.strip("[]").lower()
+    if host in ("localhost", "ip6-localhost") or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 Variant = Literal["sidecar", "filter", "cluster", "per-route", "network"]
 VARIANTS: tuple[Variant, ...] = ("sidecar", "filter", "cluster", "per-route", "network")
 
@@ -185,7 +224,14 @@ class SidecarConfig:
     `health_paths` are exact paths (GET/HEAD probes of load balancers that cannot present a
     workload certificate) that bypass ext_authz: each one is a deliberate hole, none by default.
     `extauthz_tls` makes Envoy speak mTLS to extauthz with its own certificate (for an extauthz
-    listener with `--tls-*`), checking extauthz's SPIFFE ID when `extauthz_spiffe_id` is set.
+    listener with `--tls-*`), checking extauthz's SPIFFE ID when `extauthz_spiffe_id` is set. A
+    TCP `extauthz` that is not loopback is refused without it: the check requests (identities,
+    paths, certificates) and the allow/deny answers would cross the network in plaintext.
+
+    `principal_header` is the header extauthz sets to the verified principal (its own
+    `--principal-header`); the strip filter removes a caller's copy of it, besides
+    `x-extauthz-principal` and `x-extauthz-rule`. "" (extauthz sets no principal header) strips
+    just those two.
     """
 
     listen_address: str = "0.0.0.0"
@@ -220,6 +266,7 @@ class SidecarConfig:
     sds_socket: str = ""
     sds_svid_name: str = "default"  # SPIRE agent: "default" or the workload's SPIFFE ID
     sds_bundle_name: str = "ROOTCA"  # SPIRE agent: "ROOTCA" or the trust domain's spiffe://td
+    principal_header: str = PRINCIPAL_HEADER
 
     def __post_init__(self) -> None:
         for port in (self.listen_port, self.upstream_port, self.admin_port):
@@ -241,6 +288,46 @@ class SidecarConfig:
             raise ValueError(f"sds_socket must be unix:/absolute/path: {self.sds_socket!r}")
         if self.extauthz_spiffe_id and not self.extauthz_spiffe_id.startswith("spiffe://"):
             raise ValueError(f"extauthz_spiffe_id must be a SPIFFE ID: {self.extauthz_spiffe_id!r}")
+        if self.extauthz_spiffe_id and not self.extauthz_tls:
+            raise ValueError(
+                "an extauthz SPIFFE ID is only checked over mTLS: add --extauthz-tls "
+                "(extauthz_tls=True)"
+            )
+        _check_authz_channel(self.extauthz, tls=self.extauthz_tls)
+        header = self.principal_header.strip().lower()
+        object.__setattr__(self, "principal_header", header)
+        if header and (not _HEADER_NAME.match(header) or header in _RESERVED_HEADERS):
+            raise ValueError(
+                f"principal header must be a plain header name extauthz alone sets "
+                f"(not a pseudo-header or one Envoy or extauthz relies on): {header!r}"
+            )
+
+    @property
+    def trusted_headers(self) -> tuple[str, ...]:
+        """The headers only extauthz may set towards the upstream: a caller's copies are
+        removed before ext_authz runs."""
+        return tuple(dict.fromkeys(h for h in (self.principal_header, *TRUSTED_HEADERS) if h))
+
+
+def _check_authz_channel(target: str, *, tls: bool) -> None:
+    """Refuse an Envoy -> extauthz channel that would cross the network in plaintext."""
+    if target.startswith("unix:"):
+        if tls:
+            raise ValueError(
+                f"--extauthz-tls with a unix socket ({target}): extauthz serves unix sockets in "
+                "plaintext (their file mode is the access control); drop --extauthz-tls"
+            )
+        return
+    host = target.rpartition(":")[0]
+    if not tls and not is_loopback_host(host):
+        raise ValueError(
+            f"extauthz at {target} is not on this host, and the authz call would cross the "
+            "network in plaintext: anyone on the path could read the checks (identities, "
+            "paths, certificates) and forge an OK answer, which Envoy obeys. Run extauthz "
+            "beside Envoy (127.0.0.1:PORT or unix:/path), or start it with --tls-cert/--tls-key/"
+            "--tls-client-ca/--tls-allowed-clients and render with --extauthz-tls "
+            "--extauthz-spiffe-id <extauthz's SPIFFE ID>"
+        )
 
 
 def config_with_certs_dir(certs_dir: str, config: SidecarConfig | None = None) -> SidecarConfig:
@@ -388,15 +475,17 @@ def ext_authz_filter(c: SidecarConfig) -> HttpFilter:
     return HttpFilter(name=EXT_AUTHZ_NAMESPACE, typed_config=_any(config))
 
 
-def strip_principal_filter() -> HttpFilter:
+def strip_principal_filter(c: SidecarConfig | None = None) -> HttpFilter:
     """Runs before ext_authz: whatever the caller sent in extauthz's headers is dropped, so the
-    upstream only ever sees the values extauthz itself set on an allowed request."""
+    upstream only ever sees the values extauthz itself set on an allowed request (also on
+    routes where ext_authz is off, which extauthz never sees)."""
+    headers = (c or SidecarConfig()).trusted_headers
     return HttpFilter(
         name="envoy.filters.http.header_mutation",
         typed_config=_any(
             HeaderMutation(
                 mutations=Mutations(
-                    request_mutations=[HeaderMutationRule(remove=h) for h in TRUSTED_HEADERS]
+                    request_mutations=[HeaderMutationRule(remove=h) for h in headers]
                 )
             )
         ),
@@ -409,7 +498,7 @@ def router_filter() -> HttpFilter:
 
 def http_filters(c: SidecarConfig) -> list[HttpFilter]:
     """The HTTP filter chain, in order: strip trusted headers, ext_authz, router."""
-    return [strip_principal_filter(), ext_authz_filter(c), router_filter()]
+    return [strip_principal_filter(c), ext_authz_filter(c), router_filter()]
 
 
 def authz_cluster(c: SidecarConfig) -> Cluster:
@@ -836,6 +925,7 @@ __all__ = [
     "config_with_certs_dir",
     "ext_authz_filter",
     "http_filters",
+    "is_loopback_host",
     "network_bootstrap",
     "network_ext_authz_filter",
     "render_variant",

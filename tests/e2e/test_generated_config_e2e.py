@@ -1,7 +1,10 @@
 """The bootstrap `extauthz envoy-config` generates, run for real: caller -> Envoy -> extauthz
 -> upstream, with real mTLS, extauthz on a unix socket, a health path that bypasses ext_authz,
 and a named route (its name is sent to extauthz as context_extensions.route and shows in
-Envoy's access log).
+Envoy's access log). extauthz runs with a renamed principal header (`--principal-header`) and the
+config is rendered with the matching `envoy-config --principal-header`: the upstream gets the
+principal under that name, and a caller's forged copy never reaches it, not even on the health
+path where ext_authz (and so extauthz's own header handling) does not run.
 
 The devstack normally renders its own bootstrap; here its renderer is swapped for the command
 line (`extauthz envoy-config ... -o FILE`), fed the devstack's ports and certificates.
@@ -17,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from extauthz import devstack
+from extauthz import devstack, upstream
 from extauthz.certs import Credential
 from extauthz.cli import main
 from extauthz.devstack import DevStack, call
@@ -27,6 +30,7 @@ ORDERS = "orders.demo.local"  # as in conftest.TEST_POLICY
 CHECKOUT = "spiffe://demo.local/ns/shop/sa/checkout"
 STRANGER = "spiffe://demo.local/ns/shop/sa/stranger"
 ROUTE = "orders-api"
+PRINCIPAL_HEADER = "x-caller-identity"
 
 
 def _render_with_cli(work: Path) -> Any:
@@ -47,6 +51,7 @@ def _render_with_cli(work: Path) -> Any:
             "--access-log", str(config.access_log_path),
             "--health-path", "/healthz",
             "--route-name", ROUTE,
+            "--principal-header", PRINCIPAL_HEADER,
             "-o", str(out),
         ]
         assert main(args) == 0
@@ -62,12 +67,17 @@ def generated(
     work = tmp_path_factory.mktemp("generated")
     mp = pytest.MonkeyPatch()
     mp.setattr(devstack, "render_yaml", _render_with_cli(work))
+    # The sample upstream records only the headers it finds interesting: add ours.
+    mp.setattr(upstream, "INTERESTING_HEADERS", (*upstream.INTERESTING_HEADERS, PRINCIPAL_HEADER))
     stack = DevStack(
         policy_dir,
         trust_domain="demo.local",
         extauthz_transport="unix",
         workdir=work / "stack",
-        serve_args=("--decision-log", str(work / "decisions.log"), "--no-tracing"),
+        serve_args=(
+            "--decision-log", str(work / "decisions.log"), "--no-tracing",
+            "--principal-header", PRINCIPAL_HEADER,
+        ),
     )
     try:
         with stack:
@@ -105,7 +115,8 @@ def test_allowed_call_reaches_upstream_with_principal(generated: DevStack, svid:
     resp = call(generated, svid, "GET", ORDERS, path)
     assert resp.status == 200, (resp, generated.logs())
     [seen] = [r for r in generated.upstream.requests if r.path == path]
-    assert seen.headers.get("x-extauthz-principal") == CHECKOUT
+    assert seen.headers.get(PRINCIPAL_HEADER) == CHECKOUT
+    assert "x-extauthz-principal" not in seen.headers
     [entry] = _entries(generated, path)
     assert entry["principal"] == CHECKOUT
     assert entry["rule"] == "read-orders"
@@ -128,6 +139,27 @@ def test_health_path_bypasses_authz_but_only_exactly(generated: DevStack) -> Non
     # No rule allows the stranger anything: only the exact health path was exempt.
     assert call(generated, stranger, "GET", ORDERS, "/healthz/../v1/orders").status == 403
     assert call(generated, stranger, "GET", ORDERS, "/healthz/more").status == 403
+
+
+@pytest.mark.e2e
+def test_forged_principal_headers_never_reach_the_upstream(
+    generated: DevStack, svid: Credential
+) -> None:
+    forged = {PRINCIPAL_HEADER: "spiffe://demo.local/ns/shop/sa/admin",
+              "x-extauthz-principal": "spiffe://demo.local/ns/shop/sa/admin"}
+    # The health path bypasses ext_authz: only Envoy's strip filter stands between the caller's
+    # headers and the upstream here.
+    stranger = generated.issue_svid(STRANGER)
+    before = len(generated.upstream.requests)
+    assert call(generated, stranger, "GET", ORDERS, "/healthz", headers=forged).status == 200
+    [seen] = [r for r in generated.upstream.requests[before:] if r.path == "/healthz"]
+    assert PRINCIPAL_HEADER not in seen.headers and "x-extauthz-principal" not in seen.headers
+    # An allowed request carries the real principal, never the forged one.
+    path = f"/v1/orders/{uuid.uuid4().hex[:12]}"
+    assert call(generated, svid, "GET", ORDERS, path, headers=forged).status == 200
+    [seen] = [r for r in generated.upstream.requests if r.path == path]
+    assert seen.headers.get(PRINCIPAL_HEADER) == CHECKOUT
+    assert "x-extauthz-principal" not in seen.headers
 
 
 @pytest.mark.e2e

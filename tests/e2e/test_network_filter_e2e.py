@@ -4,10 +4,15 @@ and SNI only); an allowed principal's bytes reach the upstream (a TCP echo serve
 back, a denied one's connection is closed with nothing forwarded.
 
 The bootstrap is `extauthz envoy-config --variant network`; the policy uses `connections:`.
+Every test runs over both channels from Envoy to extauthz the renderer allows: a unix socket,
+and TCP with mutual TLS (`--extauthz-tls --extauthz-spiffe-id`, extauthz started with `--tls-*`
+and only Envoy's SPIFFE ID allowed), so the rendered UpstreamTlsContext is proven against the
+real server, not just accepted by `envoy --mode validate`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -21,8 +26,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from extauthz.certs import CertificateAuthority, Credential, write_pem
 from extauthz.devstack import EnvoyNotFoundError, find_envoy, free_tcp_port
@@ -34,6 +42,8 @@ CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
 EXPORTER = f"spiffe://{TD}/ns/batch/sa/exporter"
 STRANGER = f"spiffe://{TD}/ns/shop/sa/stranger"
 DB_SNI = "db.demo.local"
+ENVOY_ID = f"spiffe://{TD}/ns/mesh/sa/envoy"
+EXTAUTHZ_ID = f"spiffe://{TD}/ns/authz/sa/extauthz"
 
 
 pytestmark = pytest.mark.e2e
@@ -66,6 +76,8 @@ class TcpStack:
     work: Path
     echo: _EchoServer
     access_log: Path
+    channel: str = "unix"  # how Envoy reaches extauthz: "unix" or "mtls" (TCP)
+    bootstrap: dict[str, Any] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def talk(self, cred: Credential | None, payload: bytes, sni: str = "localhost") -> bytes:
@@ -106,8 +118,19 @@ def _admin_ready(address_file: Path, proc: subprocess.Popen[bytes], log: Path) -
     raise TimeoutError(f"Envoy not ready:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def tcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpStack]:
+def _envoy_cert(ca: CertificateAuthority) -> Credential:
+    """Envoy's one certificate: DNS SANs for its listener (callers check the host name) and a
+    SPIFFE ID as the client of extauthz's mTLS port."""
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.DNSName(DB_SNI), x509.UniformResourceIdentifier(ENVOY_ID)]
+    )
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "envoy")])
+    return ca._issue_leaf(subject, san, dt.timedelta(hours=1))
+
+
+@pytest.fixture(scope="module", params=["unix", "mtls"])
+def tcp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpStack]:
+    mtls = request.param == "mtls"
     try:
         envoy = find_envoy()
     except EnvoyNotFoundError as exc:
@@ -117,7 +140,7 @@ def tcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpStack]:
     certs = work / "certs"
     certs.mkdir()
     (certs / "ca.crt").write_bytes(ca.cert_pem)
-    write_pem(certs, "server", ca.issue_server_cert(dns_names=["localhost", DB_SNI]))
+    write_pem(certs, "server", _envoy_cert(ca) if mtls else ca.issue_server_cert(dns_names=["localhost", DB_SNI]))
     port = free_tcp_port()
     policy = work / "policy"
     policy.mkdir()
@@ -148,16 +171,22 @@ connections:
     )
     echo = _EchoServer()
     threading.Thread(target=echo.serve_forever, daemon=True).start()
-    sock = Path(f"/tmp/extauthz-tcp-{os.getpid()}.sock")
+    sock = Path(f"/tmp/extauthz-tcp-{os.getpid()}-{request.param}.sock")
+    authz_tcp = f"127.0.0.1:{free_tcp_port()}"
+    tls_args: list[str] = []
+    if mtls:
+        authz = write_pem(work / "authz-certs", "extauthz", ca.issue_svid(EXTAUTHZ_ID))
+        tls_args = ["--listen", authz_tcp, "--tls-cert", str(authz.cert), "--tls-key", str(authz.key),
+                    "--tls-client-ca", str(certs / "ca.crt"), "--tls-allowed-clients", ENVOY_ID]
     access_log = work / "access.log"
     access_log.touch()
-    stack = TcpStack(ca, port, work, echo, access_log)
+    stack = TcpStack(ca, port, work, echo, access_log, channel=request.param)
     try:
         authz_log = work / "extauthz.log"
         with authz_log.open("wb") as out:
             stack.procs["extauthz"] = subprocess.Popen(
                 [sys.executable, "-m", "extauthz", "serve", "--policy", str(policy),
-                 "--listen", f"unix:{sock}", "--decision-log", "none", "--no-tracing"],
+                 "--listen", f"unix:{sock}", *tls_args, "--decision-log", "none", "--no-tracing"],
                 stdout=out, stderr=subprocess.STDOUT,
             )
         wait_serving(f"unix:{sock}", stack.procs["extauthz"])
@@ -167,13 +196,17 @@ connections:
                 listen_address="127.0.0.1",
                 listen_port=port,
                 upstream_port=echo.server_address[1],
-                extauthz=f"unix:{sock}",
+                extauthz=authz_tcp if mtls else f"unix:{sock}",
+                extauthz_tls=mtls,
+                extauthz_spiffe_id=EXTAUTHZ_ID if mtls else "",
                 admin_port=0,
                 access_log_path=str(access_log),
             ),
         )
         bootstrap = work / "envoy-tcp.yaml"
-        bootstrap.write_text(render_variant("network", config).yaml())
+        rendered = render_variant("network", config)
+        stack.bootstrap = rendered.data
+        bootstrap.write_text(rendered.yaml())
         envoy_log = work / "envoy.log"
         admin_file = work / "admin.address"
         with envoy_log.open("wb") as out:
@@ -247,3 +280,23 @@ def test_access_log_names_the_principal(tcp: TcpStack) -> None:
     assert allowed, entries
     assert allowed[-1]["rule"] == "db-clients"
     assert allowed[-1]["peer_uri_san"] == CHECKOUT
+
+
+@pytest.mark.e2e
+def test_the_authz_channel_is_the_one_rendered(tcp: TcpStack) -> None:
+    payload = b"hello " + os.urandom(4).hex().encode()
+    assert tcp.talk(tcp.ca.issue_svid(CHECKOUT), payload) == payload
+    clusters = {c["name"]: c for c in tcp.bootstrap["static_resources"]["clusters"]}
+    authz = clusters["extauthz"]
+    admin = (tcp.work / "admin.address").read_text().strip()
+    with urllib.request.urlopen(f"http://{admin}/stats?filter=^cluster\\.extauthz\\.ssl\\.handshake$", timeout=5) as resp:
+        stats = resp.read().decode()
+    handshakes = int(stats.split(":")[1]) if ":" in stats else 0
+    if tcp.channel == "mtls":
+        tls = authz["transport_socket"]["typed_config"]["common_tls_context"]
+        [san] = tls["validation_context"]["match_typed_subject_alt_names"]
+        assert san["matcher"] == {"exact": EXTAUTHZ_ID}
+        assert handshakes >= 1, stats  # Envoy really spoke mTLS to extauthz
+    else:
+        assert "pipe" in authz["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert handshakes == 0, stats

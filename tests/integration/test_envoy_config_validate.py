@@ -1,7 +1,8 @@
 """Every variant `extauthz envoy-config` renders is accepted by the real Envoy
-(`envoy --mode validate`). The complete bootstraps (sidecar, network) are validated as they
-are; the pieces (filter, cluster, per-route) are pasted into the default sidecar in place of
-its own, which is exactly how an operator uses them. Envoy missing is a failure, not a skip.
+(`envoy --mode validate`) and comes out clean under `extauthz doctor`. The complete bootstraps
+(sidecar, network) are checked as they are; the pieces (filter, cluster, per-route) are pasted
+into the default sidecar in place of its own, which is exactly how an operator uses them.
+Envoy missing is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ OPTIONS = {
         extauthz_tls=True,
         extauthz_spiffe_id="spiffe://cluster.local/ns/authz/sa/extauthz",
     ),
+    "remote-ip-mtls-to-extauthz": SidecarConfig(
+        extauthz="10.1.2.3:9191",
+        extauthz_tls=True,
+        extauthz_spiffe_id="spiffe://cluster.local/ns/authz/sa/extauthz",
+    ),
+    "renamed-principal-header": SidecarConfig(principal_header="x-caller-identity"),
     "body-metadata-file-log": SidecarConfig(
         request_body_max_bytes=4096,
         metadata_namespaces=("envoy.filters.http.jwt_authn",),
@@ -139,3 +146,65 @@ def test_validation_is_not_a_rubber_stamp(envoy_bin: str, certs_dir: Path, tmp_p
     route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] = "sometimes"
     bad.write_text(yaml.safe_dump(doc))
     assert validate(envoy_bin, bad).returncode != 0
+
+
+# -- `extauthz doctor` on every variant --------------------------------------------------------
+
+EXT_AUTHZ_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+DOCTOR_VARIANTS = list(VARIANTS)  # the TCP (network) variant included
+
+
+@pytest.mark.parametrize("variant", DOCTOR_VARIANTS)
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_variant_is_clean_under_doctor(variant: Variant, option: str) -> None:
+    from extauthz.doctor import PolicyFacts, diagnose
+
+    doc = as_bootstrap(variant, OPTIONS[option])
+    for policy in (None, PolicyFacts(("orders.demo.local",), matches_on_path=True)):
+        findings = [f.as_dict() for f in diagnose(doc, policy)]
+        assert findings == [], f"{variant}/{option} policy={policy}:\n{findings}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_http_authz_filter_answers_503_on_error(variant: Variant, option: str) -> None:
+    doc = as_bootstrap(variant, OPTIONS[option])
+    found: list[dict[str, Any]] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("@type") == EXT_AUTHZ_TYPE:
+                found.append(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    if variant == "network":
+        # TCP: no HTTP status to answer; an error closes the connection (fail closed).
+        assert found == []
+        authz = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        assert authz["typed_config"]["failure_mode_allow"] is False
+        return
+    assert len(found) == 1, found
+    assert found[0]["status_on_error"] == {"code": 503}
+    assert found[0]["failure_mode_allow"] is False
+
+
+def test_cli_refuses_what_the_doctor_flags(tmp_path: Path) -> None:
+    """The doctor author's report: `--extauthz 10.1.2.3:9191` used to render a plaintext gRPC
+    cluster to a non-loopback address (`authz_cluster.plaintext`). The renderer now refuses it;
+    the doctor still flags such a cluster when someone writes it by hand."""
+    from extauthz.cli import main
+    from extauthz.doctor import diagnose
+
+    out = tmp_path / "remote.yaml"
+    assert main(["envoy-config", "--extauthz", "10.1.2.3:9191", "-o", str(out)]) == 2
+    assert not out.exists()
+    doc = copy.deepcopy(render_variant("sidecar").data)
+    [cluster] = [c for c in doc["static_resources"]["clusters"] if c["name"] == "extauthz"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["address"] = "10.1.2.3"
+    assert [f.id for f in diagnose(doc)] == ["authz_cluster.plaintext"]

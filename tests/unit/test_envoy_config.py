@@ -113,7 +113,9 @@ def test_cluster_address_kinds() -> None:
     [ep] = unix["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert ep["endpoint"]["address"] == {"pipe": {"path": "/run/extauthz/authz.sock"}}
     assert unix["type"] == "STATIC"
-    dns = _clusters(render(SidecarConfig(extauthz="extauthz.authz.svc:9191")))["extauthz"]
+    dns = _clusters(render(SidecarConfig(extauthz="extauthz.authz.svc:9191", extauthz_tls=True)))[
+        "extauthz"
+    ]
     assert dns["type"] == "STRICT_DNS"
 
 
@@ -222,6 +224,12 @@ def test_typed_round_trip_checks_every_field_name() -> None:
         {"authz_timeout_s": 0},
         {"request_body_max_bytes": -1},
         {"extauthz_spiffe_id": "extauthz"},
+        {"extauthz_spiffe_id": "spiffe://cluster.local/ns/authz/sa/extauthz"},  # without TLS
+        {"extauthz": "unix:/run/extauthz/authz.sock", "extauthz_tls": True},  # plaintext socket
+        {"principal_header": "x caller"},
+        {"principal_header": ":authority"},
+        {"principal_header": "x-forwarded-client-cert"},
+        {"principal_header": "x-extauthz-reason"},
     ],
 )
 def test_bad_options_are_refused(kwargs: dict[str, Any]) -> None:
@@ -313,3 +321,101 @@ def test_cli_rejects_bad_flags(args: list[str], capsys: pytest.CaptureFixture[st
 def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["envoy-config", "--extauthz", "nowhere"]) == 2
     assert "HOST:PORT or unix:/path" in capsys.readouterr().err
+
+
+# -- the authz channel: never plaintext across the network -----------------------------------
+
+
+REMOTE = ["10.1.2.3:9191", "extauthz.authz.svc.cluster.local:9191", "0.0.0.0:9191", "[2001:db8::1]:9191"]
+LOCAL = ["127.0.0.1:9191", "127.0.0.53:9191", "[::1]:9191", "localhost:9191"]
+
+
+@pytest.mark.parametrize("target", REMOTE)
+def test_non_loopback_plaintext_authz_is_refused(target: str) -> None:
+    with pytest.raises(ValueError, match="plaintext") as info:
+        SidecarConfig(extauthz=target)
+    assert "--extauthz-tls" in str(info.value) and "unix:/path" in str(info.value)
+    # With mTLS to extauthz the same address is fine.
+    spiffe = "spiffe://cluster.local/ns/authz/sa/extauthz"
+    cluster = render_variant(
+        "cluster", SidecarConfig(extauthz=target, extauthz_tls=True, extauthz_spiffe_id=spiffe)
+    ).data["clusters"][0]
+    assert cluster["transport_socket"]["typed_config"]["@type"].endswith("UpstreamTlsContext")
+
+
+@pytest.mark.parametrize("target", REMOTE)
+def test_cli_refuses_non_loopback_plaintext(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envoy-config", "--extauthz", target]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "plaintext" in captured.err and "--extauthz-tls" in captured.err
+    args = ["envoy-config", "--extauthz", target, "--extauthz-tls"]
+    assert main([*args, "--extauthz-spiffe-id", "spiffe://td/ns/authz/sa/extauthz"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    assert main(args) == 0  # no SAN check: allowed, but said out loud
+    assert "--extauthz-spiffe-id" in capsys.readouterr().err
+
+
+def test_bootstrap_script_refuses_non_loopback_plaintext(capsys: pytest.CaptureFixture[str]) -> None:
+    from extauthz.envoy_bootstrap import main as bootstrap_main
+
+    assert bootstrap_main(["--extauthz", "10.1.2.3:9191"]) == 2
+    assert "plaintext" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", LOCAL)
+def test_loopback_plaintext_authz_is_fine(target: str) -> None:
+    cluster = render_variant("cluster", SidecarConfig(extauthz=target)).data["clusters"][0]
+    assert "transport_socket" not in cluster
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost", "LOCALHOST", "a.localhost",
+     "ip6-localhost", "10.0.0.1", "0.0.0.0", "::", "example.com", "localhost.example.com"],
+)
+def test_loopback_agrees_with_the_doctor(host: str) -> None:
+    from extauthz import doctor
+    from extauthz.envoy_config import is_loopback_host
+
+    assert is_loopback_host(host) == doctor._is_loopback(host)
+
+
+# -- the principal header --------------------------------------------------------------------
+
+
+def _stripped(data: dict[str, Any]) -> list[str]:
+    [strip] = [f for f in data["http_filters"] if f["name"] == "envoy.filters.http.header_mutation"]
+    return [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]]
+
+
+def test_strip_filter_removes_the_default_headers() -> None:
+    assert _stripped(render_variant("filter").data) == ["x-extauthz-principal", "x-extauthz-rule"]
+    assert _stripped(render_variant("filter", SidecarConfig(principal_header="")).data) == [
+        "x-extauthz-principal",
+        "x-extauthz-rule",
+    ]
+
+
+def test_renamed_principal_header_is_stripped_too() -> None:
+    data = render_variant("filter", SidecarConfig(principal_header="X-Caller-Identity")).data
+    assert _stripped(data) == ["x-caller-identity", "x-extauthz-principal", "x-extauthz-rule"]
+    sidecar = render_variant("sidecar", SidecarConfig(principal_header="x-caller-identity")).data
+    assert _hcm(sidecar)["http_filters"] == data["http_filters"]
+
+
+def test_cli_principal_header(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envoy-config", "--variant", "filter", "--principal-header", "x-caller"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert _stripped(data) == ["x-caller", "x-extauthz-principal", "x-extauthz-rule"]
+    assert main(["envoy-config", "--principal-header", "authorization"]) == 2
+    assert "principal header" in capsys.readouterr().err
+
+
+def test_principal_header_default_matches_the_server() -> None:
+    from extauthz.proto import ResponseOptions
+    from extauthz.settings import Settings
+
+    assert SidecarConfig().principal_header == Settings().principal_header
+    assert SidecarConfig().principal_header == ResponseOptions().principal_header
+    assert set(SidecarConfig().trusted_headers) == set(ResponseOptions().strip_headers)
