@@ -6,6 +6,7 @@ Precedence: command-line flag > `EXTAUTHZ_*` environment variable > config file 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +15,11 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "EXTAUTHZ_"
+# RFC 9110 token characters, lowercase (Envoy lowercases header names); fixed, not user regex.
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_RESERVED_HEADERS = frozenset(
+    {"host", "authorization", "x-forwarded-client-cert", "x-extauthz-reason", "x-extauthz-rule"}
+)
 
 
 class SettingsError(ValueError):
@@ -149,6 +155,13 @@ def _validate(s: Settings) -> None:
         raise SettingsError("listen: at least one address is required")
     for addr in s.listen:
         parse_listen_address(addr)
+    if s.principal_header and (
+        not _HEADER_NAME.match(s.principal_header) or s.principal_header in _RESERVED_HEADERS
+    ):
+        raise SettingsError(
+            f"principal_header: {s.principal_header!r} is not a usable lowercase header name "
+            f"(reserved: {', '.join(sorted(_RESERVED_HEADERS))})"
+        )
     if s.rate_limit_backend not in ("memory", "redis"):
         raise SettingsError(
             f"rate_limit_backend: must be memory or redis, not {s.rate_limit_backend!r}"

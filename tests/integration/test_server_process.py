@@ -127,6 +127,11 @@ def test_bad_settings_are_rejected_naming_their_source(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policy", "x"], env=env,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "environment variable EXTAUTHZ_CACHE_SIZE" in out.stderr
+    for bad in ("Bad Header", "authorization", "x-forwarded-client-cert"):
+        out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policy", "x",
+                              "--principal-header", bad, "--print-config"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "principal_header" in out.stderr, bad
 
 
 def test_settings_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
