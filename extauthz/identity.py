@@ -319,9 +319,15 @@ class IdentityResolver:
             if isinstance(source, JwtSource):
                 watched.add(source.header)
         self._watched = tuple(watched)
+        self._jwt_headers = tuple(h for h in watched if h != self._config.xfcc_header)
+        self._xfcc_header = self._config.xfcc_header
+        self._trusted_proxies = self._config.trusted_proxies
         builtin = all(isinstance(s, MtlsSource | XfccSource | JwtSource) for s in self._sources)
         self._memo_size = memo_size if builtin else 0
-        self._memo: dict[str, Identity | IdentityFailure | None] = {}
+        # (principal, certificate, XFCC present) -> (answer, valid until or None).
+        self._memo: dict[
+            tuple[str, str, bool], tuple[Identity | IdentityFailure | None, float | None]
+        ] = {}
 
     @classmethod
     def from_config(
@@ -399,13 +405,18 @@ class IdentityResolver:
         return all(cache.ready for cache in self.key_caches)
 
     def resolve(self, request: Request, now: float) -> Identity | IdentityFailure | None:
-        if self._memo_size and not request.peer_certificate:
+        if self._memo_size:
             headers = request.headers
-            for name in self._watched:
+            for name in self._jwt_headers:
                 if name in headers:
                     break
             else:
-                return self._principal_only(request, now)
+                xfcc = self._xfcc_header in headers
+                if not xfcc or request.source_principal not in self._trusted_proxies:
+                    return self._memoized(request, now, xfcc)
+        return self._resolve_fully(request, now)
+
+    def _resolve_fully(self, request: Request, now: float) -> Identity | IdentityFailure | None:
         resolution = self.resolve_detailed(request, now)
         result = resolution.result
         if resolution.notes and isinstance(result, Identity):
@@ -413,23 +424,41 @@ class IdentityResolver:
             return replace(result, claims=MappingProxyType(claims))
         return result
 
-    def _principal_only(self, request: Request, now: float) -> Identity | IdentityFailure | None:
-        """`resolve()` for a request without certificate or watched headers (memoized)."""
-        principal = request.source_principal
+    def _memoized(
+        self, request: Request, now: float, xfcc: bool
+    ) -> Identity | IdentityFailure | None:
+        """`resolve()` when no JWT is presented and any XFCC header cannot be honoured (the
+        peer is not a trusted proxy). The answer then depends only on the principal, the
+        certificate, whether an XFCC header is present (for the note) and on time only
+        through the certificate's validity, so it is memoized until the certificate's
+        notAfter. Only successes with a certificate are kept (failures may be time-based);
+        without a certificate every answer is time-invariant."""
+        key = (request.source_principal, request.peer_certificate, xfcc)
         memo = self._memo
-        try:
-            return memo[principal]
-        except KeyError:
-            pass
-        result = self._run_sources(request, now, [])
-        if len(principal) <= MAX_PRINCIPAL_LENGTH:
-            if len(memo) >= self._memo_size:
-                try:
-                    del memo[next(iter(memo))]
-                except (KeyError, RuntimeError, StopIteration):  # raced with another thread
-                    memo.clear()
-            memo[principal] = result
-        return result
+        found = memo.get(key)
+        if found is not None:
+            answer, until = found
+            if until is None or now < until:
+                return answer
+        answer = self._resolve_fully(request, now)
+        if len(key[0]) > MAX_PRINCIPAL_LENGTH:
+            return answer
+        if key[1]:
+            if not isinstance(answer, Identity) or answer.expires_at is None:
+                return answer
+            entry: tuple[Identity | IdentityFailure | None, float | None] = (
+                answer,
+                answer.expires_at,
+            )
+        else:
+            entry = (answer, None)
+        if len(memo) >= self._memo_size:
+            try:
+                del memo[next(iter(memo))]
+            except (KeyError, RuntimeError, StopIteration):  # raced with another thread
+                memo.clear()
+        memo[key] = entry
+        return answer
 
     def resolve_detailed(self, request: Request, now: float) -> Resolution:
         notes: list[str] = []

@@ -58,12 +58,6 @@ class CheckResult:
     # notes and expiry), so per-request details are read from here.
     identity: Identity | None = None
 
-    @property
-    def shared(self) -> bool:
-        """The decision is the cached object itself, so edges may memoize what they derive
-        from it (e.g. the serialized CheckResponse) by its identity."""
-        return self.cache_hit and self.decision.outcome is not Outcome.RATE_LIMITED
-
 
 def normalize_host(raw: str) -> str | None:
     """Lowercase and drop the port: `Orders.Mesh:8443` -> `orders.mesh`."""

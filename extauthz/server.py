@@ -79,23 +79,36 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
         self._observers = tuple(observers)
         self._clock = clock
         self.stats = Stats()
-        # Responses built for cached decisions, by decision identity (the decision is kept
-        # alive in the value so an id is never reused while its entry exists).
-        self._responses: dict[int, tuple[Decision, ea.CheckResponse]] = {}
+        # Responses by the decision fields they are built from (see _respond); bounded.
+        self._responses: dict[tuple[object, ...], ea.CheckResponse] = {}
 
     def _respond(self, result: CheckResult) -> ea.CheckResponse:
+        """Build (or reuse) the CheckResponse. Responses are memoized by everything
+        `to_response` reads from a decision, so a cache miss that decides like an earlier
+        check (same outcome, reason, rule, principal, policy version, headers) reuses it
+        too; a rate-limited or budget-carrying answer has per-request headers and is built
+        fresh."""
         decision = result.decision
         if self._options.budget_headers and result.limit is not None and decision.allowed:
             return to_response(decision, self._options, rate_limit_headers(result.limit))
-        if not result.shared:
+        if decision.outcome is Outcome.RATE_LIMITED:
             return to_response(decision, self._options)
-        memo = self._responses.get(id(decision))
-        if memo is not None and memo[0] is decision:
-            return memo[1]
-        response = to_response(decision, self._options)
-        if len(self._responses) >= RESPONSE_MEMO_SIZE:
-            self._responses.clear()
-        self._responses[id(decision)] = (decision, response)
+        identity = decision.identity
+        key = (
+            decision.outcome,
+            decision.reason,
+            decision.rule,
+            identity.principal if identity is not None else "",
+            identity.source if identity is not None else None,
+            decision.policy_version,
+            decision.headers,
+        )
+        response = self._responses.get(key)
+        if response is None:
+            response = to_response(decision, self._options)
+            if len(self._responses) >= RESPONSE_MEMO_SIZE:
+                self._responses.clear()
+            self._responses[key] = response
         return response
 
     async def Check(self, check: ea.CheckRequest, context: Any) -> ea.CheckResponse:

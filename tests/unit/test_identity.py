@@ -371,3 +371,27 @@ def test_from_config_wires_jwks_fetch_options() -> None:
     (cache,) = IdentityResolver.from_config(cfg).key_caches
     assert (cache.name, cache.stale_ttl, cache.cooldown, cache.refresh_interval) == (
         https_issuer, 600, 5, 60)
+
+
+def test_certificate_answers_are_memoized_only_until_the_certificate_expires() -> None:
+    r = resolver()
+    cert = make_cert(not_after=NOW + 60)
+    first = r.resolve(req(ID, cert), NOW)
+    assert first.source is IdentitySource.MTLS and first.expires_at is not None
+    assert r.resolve(req(ID, cert), NOW + 30) is first  # from the memo
+    later = r.resolve(req(ID, cert), NOW + 61)  # past notAfter: re-checked, refused
+    assert isinstance(later, IdentityFailure) and later.reason is Reason.INVALID_IDENTITY
+    # A certificate that does not match the principal is never served another's answer.
+    assert resolve(req(CLIENT, cert), r).reason is Reason.INVALID_IDENTITY
+
+
+def test_ignored_xfcc_keeps_its_note_from_the_memo_and_a_trusted_proxy_bypasses_it() -> None:
+    r = resolver()
+    headers = {XFCC: f"URI={CLIENT}"}
+    for _ in range(2):
+        noted = r.resolve(req(ID, make_cert(), **headers), NOW)
+        assert noted.principal == ID and noted.claims[NOTES_CLAIM]
+    assert NOTES_CLAIM not in r.resolve(req(ID, make_cert()), NOW).claims
+    for _ in range(2):  # a trusted proxy's XFCC is read every time, never memoized
+        assert r.resolve(req(PROXY, **headers), NOW).principal == CLIENT
+        assert r.resolve(req(PROXY, **{XFCC: f"URI={ID}"}), NOW).principal == ID
