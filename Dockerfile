@@ -13,7 +13,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY extauthz ./extauthz
 RUN pip install --no-cache-dir --upgrade "pip>=24" \
- && pip wheel --no-cache-dir --wheel-dir /wheels .
+ && pip wheel --no-cache-dir --wheel-dir /wheels ".[otlp]"
 
 # --- runtime: slim, non-root, no compilers, no pip --------------------------------------------
 FROM python:3.11-slim-bookworm
@@ -31,10 +31,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     EXTAUTHZ_LISTEN=127.0.0.1:9191
 # Install from the wheels only (no index, no compilers), byte-compiled now so that nothing is
 # written at run time, then drop pip itself: the image runs extauthz and nothing else.
+# opentelemetry-proto is reinstalled last: xds-protos ships an older copy of its modules.
 # (DL3013: the versions are pinned by the wheels built above; --no-index reaches nothing else.)
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels extauthz \
+    pip install --no-cache-dir --no-index --find-links=/wheels "extauthz[otlp]" \
+ && pip install --no-cache-dir --no-index --find-links=/wheels --force-reinstall --no-deps \
+        opentelemetry-proto \
  && python -m compileall -q /usr/local/lib/python3.11/site-packages \
  && pip uninstall --yes pip setuptools wheel \
  && useradd --system --uid 10001 --no-create-home --no-log-init --shell /usr/sbin/nologin extauthz \

