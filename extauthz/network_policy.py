@@ -26,7 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from extauthz.model import Decision, Identity, Outcome, Reason
-from extauthz.spiffe import SpiffeIdError, SpiffePattern, parse_spiffe_id
+from extauthz.principals import PrincipalSet
+from extauthz.spiffe import SpiffeIdError, SpiffePattern
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
 _RULE_FIELDS = frozenset({"name", "ports", "sni", "allow"})
@@ -122,20 +123,10 @@ def _strings(value: object, where: str) -> tuple[str, ...]:
 @dataclass(frozen=True, slots=True)
 class _Rule:
     decl: ConnectionRuleDecl
-    exact: frozenset[str]
-    patterns: tuple[SpiffePattern, ...]
-    anyone: bool
+    callers: PrincipalSet
 
     def allows(self, principal: str) -> bool:
-        if self.anyone or principal in self.exact:
-            return True
-        if not self.patterns:
-            return False
-        try:
-            sid = parse_spiffe_id(principal)
-        except SpiffeIdError:
-            return False
-        return any(p.matches(sid) for p in self.patterns)
+        return self.callers.contains(principal)
 
 
 class ConnectionTable:
@@ -212,7 +203,7 @@ def compile_connections(
                 exact.add(value)
             else:
                 patterns.append(pattern)
-        compiled.append(_Rule(decl, frozenset(exact), tuple(patterns), anyone))
+        compiled.append(_Rule(decl, PrincipalSet(frozenset(exact), tuple(patterns), anyone)))
     return ConnectionTable(compiled)
 
 

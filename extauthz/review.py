@@ -35,9 +35,10 @@ from typing import Any
 
 import yaml
 
-from extauthz.matcher import CompiledPolicy, CompiledRule, PrincipalSet, compile_policy
+from extauthz.matcher import CompiledPolicy, CompiledRule, compile_policy
 from extauthz.model import Identity, IdentitySource, Reason
 from extauthz.policy import METHODS, LineMap, PathMatch, PolicyError, load_yaml, parse_document
+from extauthz.principals import PrincipalSet
 from extauthz.spiffe import SpiffeIdError, SpiffePattern, parse_spiffe_id
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")

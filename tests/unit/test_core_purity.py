@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 CORE = ["model", "spiffe", "xfcc", "jwt_auth", "identity", "policy", "paths", "matcher",
-        "conditions", "network_policy", "explain", "review", "inventory",
+        "conditions", "network_policy", "principals", "explain", "review", "inventory",
         "cache", "ratelimit", "pipeline"]
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "opentelemetry.sdk", "redis", "envoy",
              "xds", "urllib", "http", "socket", "asyncio.subprocess", "subprocess")
