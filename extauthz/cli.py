@@ -123,6 +123,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="...comma-separated SPIFFE IDs/patterns that may call (e.g. the Envoys')",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="N server processes sharing the TCP port (SO_REUSEPORT); default 1",
+    )
+    p.add_argument(
         "--print-config", action="store_true", help="print the effective settings and exit"
     )
 
@@ -198,6 +204,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(json.dumps(settings.describe(), indent=2, sort_keys=True))
         return 0
     logs.configure(settings.log_level)
+    if settings.workers > 1:
+        from extauthz.workers import run_workers
+
+        try:
+            return run_workers(settings, args.serve_argv)
+        except SettingsError as exc:
+            print(f"extauthz serve: {exc}", file=sys.stderr)
+            return 2
     from extauthz.observability import build_observers
     from extauthz.server import build_app, serve
 
@@ -257,7 +271,10 @@ def _run(coro: object) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    if args.command == "serve":
+        args.serve_argv = raw[raw.index("serve") + 1 :]
     if args.command == "serve":
         return _serve(args)
     if args.command == "demo":

@@ -34,6 +34,8 @@ from extauthz.ratelimit import (
 )
 
 MAX_HOST_LENGTH = 255
+HOST_MEMO_SIZE = 1024
+_UNSEEN = "\0unseen"
 REALM = "extauthz"
 
 
@@ -95,6 +97,9 @@ class Authorizer:
         self._cache = cache
         self._clock = clock
         self._limiter = limiter
+        # Raw Host header -> normalized host: a mesh has few hosts, and normalizing costs more
+        # than the lookup. Bounded; a flood of distinct hosts only clears it.
+        self._hosts: dict[str, str | None] = {}
         # Connection rules (network ext_authz) compiled for the policy they were built from.
         self._connections: tuple[CompiledPolicy, ConnectionTable] | None = None
 
@@ -147,7 +152,12 @@ class Authorizer:
                     policy_version=policy.version,
                 )
             )
-        host = normalize_host(request.host)
+        host = self._hosts.get(request.host, _UNSEEN)
+        if host is _UNSEEN:
+            host = normalize_host(request.host)
+            if len(self._hosts) >= HOST_MEMO_SIZE:
+                self._hosts.clear()
+            self._hosts[request.host] = host
         path = normalize_path(request.path)
         if host is None or path is None:
             what = "host" if host is None else "path"

@@ -53,6 +53,8 @@ class Settings:
     decision_log_sample_allowed: float = 1.0  # share of allowed decisions logged (0..1)
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; "" = no metrics
     tracing: bool = True  # spans per check (OTEL_* env configures the SDK)
+    # Server processes sharing the TCP port(s) (SO_REUSEPORT); see extauthz/workers.py.
+    workers: int = 1
     # YAML list of revoked principals / token ids, re-read on change like the policy.
     revocation_file: Path | None = None
     # Mutual TLS on the TCP listeners (see grpc_tls.py): server certificate and key, the CA of
@@ -155,6 +157,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("listen: at least one address is required")
     for addr in s.listen:
         parse_listen_address(addr)
+    if s.workers < 1:
+        raise SettingsError("workers: must be at least 1")
     if s.principal_header and (
         not _HEADER_NAME.match(s.principal_header) or s.principal_header in _RESERVED_HEADERS
     ):

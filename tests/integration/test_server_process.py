@@ -234,3 +234,39 @@ def test_budget_headers_reach_the_upstream_only_when_enabled(policy_dir: Path, t
     out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policy", "x", "--print-config"],
                          env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "must be true or false" in out.stderr
+
+
+def test_workers_share_the_port_and_drain_together(policy_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
+                             "--listen", target, "--workers", "2"], stderr=subprocess.PIPE)
+    try:
+        wait_serving(target, proc)
+        deadline = time.monotonic() + 15
+        children: list[str] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            time.sleep(0.1)
+        assert len(children) == 2, children
+        for _ in range(20):  # new channels: the kernel spreads connections over both
+            assert http_status(call(target, request(principal=BILLING))) == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        logged = proc.stderr.read().decode()
+        assert logged.count('"event": "serving"') == 2  # both bound the one port
+        assert logged.count('"event": "stopped"') == 2  # and both drained
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    finally:
+        stop(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_workers_refuse_a_unix_socket(policy_dir: Path, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
+                          "--listen", f"unix:{tmp_path}/s.sock", "--workers", "2"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "unix socket cannot be shared" in out.stderr
