@@ -239,6 +239,14 @@ GAPS = {
         "1-10% mesh sampling rate the cost is 1-10% of this. Not fixed: a native span "
         "encoder, or exporting from a separate process."
     ),
+    "through Envoy": (
+        "This row moves between runs on this shared 2-core box (0.99× and 0.87× in the last two "
+        "runs of the same code): nothing is pinned, and Envoy, wrk and the server compete for "
+        "two cores. Through Envoy, extauthz spends ~70 µs more CPU per request than the floor "
+        "(the `authz µs/req` column), more than the ~13-17 µs its Python pipeline costs "
+        "in-process; the rest is grpc.aio's per-RPC overhead on Envoy's single HTTP/2 "
+        "connection, which grows with the handler's time. Not reduced further."
+    ),
     "added p99": (
         "The trivial ext_authz floor (a constant OK) adds more p99 latency than extauthz does "
         "(section 3): on this 2-core machine three Envoys, the load generator and the server "
