@@ -241,8 +241,9 @@ GAPS = {
     ),
     "through Envoy": (
         "This row moves between runs on this shared 2-core box (0.99× and 0.87× in the last two "
-        "runs of the same code): nothing is pinned, and Envoy, wrk and the server compete for "
-        "two cores. Through Envoy, extauthz spends ~70 µs more CPU per request than the floor "
+        "runs, whose hot paths differed only by a host-name memo): nothing is pinned, and "
+        "Envoy, wrk and the server compete for two cores. Through Envoy, extauthz spends "
+        "~70 µs more CPU per request than the floor "
         "(the `authz µs/req` column), more than the ~13-17 µs its Python pipeline costs "
         "in-process; the rest is grpc.aio's per-RPC overhead on Envoy's single HTTP/2 "
         "connection, which grows with the handler's time. Not reduced further."
