@@ -237,32 +237,21 @@ class Authorizer:
         if not items:
             return CheckResult(decision, cache_hit, identity=identity)
         result = await self._limiter.hit_many(items)
-        if result.backend_error and not result.allowed:
-            return CheckResult(
-                replace(
-                    decision,
-                    outcome=Outcome.UNAVAILABLE,
-                    reason=Reason.RATELIMIT_UNAVAILABLE,
-                    detail="rate-limit backend unavailable",
-                    headers=rate_limit_headers(result),
-                ),
-                cache_hit,
-                result,
-                identity,
-            )
         if not result.allowed:
-            return CheckResult(
-                replace(
-                    decision,
-                    outcome=Outcome.RATE_LIMITED,
-                    reason=Reason.RATE_LIMITED,
-                    detail="rate limit exceeded",
-                    headers=rate_limit_headers(result),
-                ),
-                cache_hit,
-                result,
-                identity,
+            # A backend failure under fail-closed is an outage (503), never the caller's 429.
+            outcome, reason, detail = (
+                (Outcome.UNAVAILABLE, Reason.RATELIMIT_UNAVAILABLE, "rate-limit backend down")
+                if result.backend_error
+                else (Outcome.RATE_LIMITED, Reason.RATE_LIMITED, "rate limit exceeded")
             )
+            limited = replace(
+                decision,
+                outcome=outcome,
+                reason=reason,
+                detail=detail,
+                headers=rate_limit_headers(result),
+            )
+            return CheckResult(limited, cache_hit, result, identity)
         return CheckResult(decision, cache_hit, result, identity)
 
 
