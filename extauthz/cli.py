@@ -61,6 +61,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="header carrying the verified principal to the upstream ('' disables)",
     )
     p.add_argument(
+        "--rule-header",
+        metavar="NAME",
+        help="header carrying the allowing rule's name to the upstream (default: not sent)",
+    )
+    p.add_argument(
         "--limiter-max-keys", type=int, metavar="N", help="in-memory rate-limit state bound"
     )
     p.add_argument(

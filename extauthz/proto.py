@@ -37,6 +37,7 @@ class ResponseOptions:
     """What the OK response tells the upstream (configurable per deployment)."""
 
     principal_header: str = "x-extauthz-principal"
+    rule_header: str = ""
     # Headers a caller must never be able to set itself; removed on every allowed request.
     strip_headers: tuple[str, ...] = ("x-extauthz-principal", "x-extauthz-rule")
     # Tell the upstream how much of the caller's rate-limit budget is left
@@ -149,6 +150,8 @@ def to_response(
         headers = [_header(k, v) for k, v in extra_headers]
         if options.principal_header and decision.principal:
             headers.append(_header(options.principal_header, decision.principal))
+        if options.rule_header and decision.rule:
+            headers.append(_header(options.rule_header, decision.rule))
         # Headers we set overwrite any copy the caller sent; the rest are removed outright
         # (not both: the order in which Envoy applies set and remove is not part of its API).
         set_keys = {h.header.key for h in headers}

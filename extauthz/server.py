@@ -179,12 +179,18 @@ def build_app(
         authorizer,
         ResponseOptions(
             principal_header=settings.principal_header,
-            # A renamed principal header is stripped too, so a caller's copy never gets
-            # through on an allowed decision that sets none.
+            rule_header=settings.rule_header,
+            # Renamed headers are stripped too, so a caller's copy never gets through on an
+            # allowed decision that sets none.
             strip_headers=tuple(
                 dict.fromkeys(
                     h
-                    for h in (settings.principal_header, "x-extauthz-principal", "x-extauthz-rule")
+                    for h in (
+                        settings.principal_header,
+                        settings.rule_header,
+                        "x-extauthz-principal",
+                        "x-extauthz-rule",
+                    )
                     if h
                 )
             ),

@@ -18,7 +18,7 @@ ENV_PREFIX = "EXTAUTHZ_"
 # RFC 9110 token characters, lowercase (Envoy lowercases header names); fixed, not user regex.
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 _RESERVED_HEADERS = frozenset(
-    {"host", "authorization", "x-forwarded-client-cert", "x-extauthz-reason", "x-extauthz-rule"}
+    {"host", "authorization", "x-forwarded-client-cert", "x-extauthz-reason"}
 )
 
 
@@ -37,6 +37,8 @@ class Settings:
     cache_ttl: float = 60.0
     trust_domains: tuple[str, ...] = ()
     principal_header: str = "x-extauthz-principal"
+    # Header carrying the name of the rule that allowed the request ("" = not sent).
+    rule_header: str = ""
     limiter_max_keys: int = 100_000
     # Rate-limit state: "memory" (per process) or "redis" (shared, exact across replicas).
     rate_limit_backend: str = "memory"
@@ -159,13 +161,15 @@ def _validate(s: Settings) -> None:
         parse_listen_address(addr)
     if s.workers < 1:
         raise SettingsError("workers: must be at least 1")
-    if s.principal_header and (
-        not _HEADER_NAME.match(s.principal_header) or s.principal_header in _RESERVED_HEADERS
-    ):
-        raise SettingsError(
-            f"principal_header: {s.principal_header!r} is not a usable lowercase header name "
-            f"(reserved: {', '.join(sorted(_RESERVED_HEADERS))})"
-        )
+    for name in ("principal_header", "rule_header"):
+        value = getattr(s, name)
+        if value and (not _HEADER_NAME.match(value) or value in _RESERVED_HEADERS):
+            raise SettingsError(
+                f"{name}: {value!r} is not a usable lowercase header name "
+                f"(reserved: {', '.join(sorted(_RESERVED_HEADERS))})"
+            )
+    if s.rule_header and s.rule_header == s.principal_header:
+        raise SettingsError("rule_header: must differ from principal_header")
     if s.rate_limit_backend not in ("memory", "redis"):
         raise SettingsError(
             f"rate_limit_backend: must be memory or redis, not {s.rate_limit_backend!r}"

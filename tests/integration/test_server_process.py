@@ -270,3 +270,17 @@ def test_workers_refuse_a_unix_socket(policy_dir: Path, tmp_path: Path) -> None:
                           "--listen", f"unix:{tmp_path}/s.sock", "--workers", "2"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "unix socket cannot be shared" in out.stderr
+
+
+def test_rule_header_is_opt_in_and_names_the_allowing_rule(policy_dir: Path, tmp_path: Path) -> None:
+    with running_server(policy_dir, tmp_path) as srv:
+        ok = call(srv.target, request())
+        assert "x-extauthz-rule" in ok.ok_response.headers_to_remove  # never the caller's copy
+        assert "x-extauthz-rule" not in {h.header.key for h in ok.ok_response.headers}
+    with running_server(policy_dir, tmp_path, extra=["--rule-header", "x-authz-rule"]) as srv:
+        ok = call(srv.target, request())
+        headers = {h.header.key: h.header.value for h in ok.ok_response.headers}
+        assert headers["x-authz-rule"] == "orders-read"
+    out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policy", "x", "--print-config",
+                          "--rule-header", "x-extauthz-principal"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "rule_header: must differ from principal_header" in out.stderr
