@@ -22,10 +22,10 @@ import gc
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import make_request
 from envoy.service.auth.v3 import external_auth_pb2 as ea
+from microbench import observers_for, run_to_completion
 
 from extauthz.server import build_app
 from extauthz.settings import load_settings
@@ -66,23 +66,6 @@ def wire(base: bytes, i: int, principals: int) -> bytes:
     return msg.SerializeToString()
 
 
-def _observers(settings: Any) -> tuple[Any, ...]:
-    try:
-        from extauthz.observability import build_observers  # noqa: PLC0415
-    except ImportError:
-        return ()
-    return tuple(build_observers(settings).observers)
-
-
-def _complete(coro: Any) -> Any:
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("the check suspended")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", type=Path, required=True)
@@ -92,7 +75,7 @@ def main() -> int:
     p.add_argument("--points", default="0.1,0.25,0.5,0.75,1.0")
     args = p.parse_args()
     settings = load_settings({"policy": str(args.policy)}, {}, args.config)
-    app = build_app(settings, observers=_observers(settings))
+    app = build_app(settings, observers=observers_for(settings))
     if not app.store.reload():
         raise SystemExit(f"policy did not load: {app.store.last_error}")
     gc.collect()
@@ -105,7 +88,7 @@ def main() -> int:
     t0 = time.perf_counter()
     for i in range(args.checks):
         request = ea.CheckRequest.FromString(wire(base, i, args.principals))
-        response = _complete(check(request, None))
+        response = run_to_completion(check(request, None))
         allowed += response.status.code == 0
         if marks and i + 1 == marks[0]:
             marks.pop(0)

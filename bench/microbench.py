@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from extauthz.decision_log import fast_line
+from extauthz.observability import build_observers
 from extauthz.pipeline import normalize_host
 from extauthz.proto import ResponseOptions, to_request, to_response
 from extauthz.server import build_app
@@ -62,7 +63,7 @@ def _best(fn: Callable[[], object], n: int, rounds: int = 5) -> float:
     return best * 1e6
 
 
-def _complete(coro: Any) -> Any:
+def run_to_completion(coro: Any) -> Any:
     """Run a coroutine that never suspends (the hot path does not) without an event loop."""
     try:
         coro.send(None)
@@ -73,24 +74,20 @@ def _complete(coro: Any) -> Any:
 
 
 def _best_async(coro_fn: Callable[[], Any], n: int) -> float:
-    return _best(lambda: _complete(coro_fn()), n)
+    return _best(lambda: run_to_completion(coro_fn()), n)
 
 
-def _observers(settings: Settings) -> tuple[Any, ...]:
-    """What `extauthz serve` installs for these settings (nothing before observability)."""
-    try:
-        from extauthz.observability import build_observers  # noqa: PLC0415
-    except ImportError:
-        return ()
+def observers_for(settings: Settings) -> tuple[Any, ...]:
+    """What `extauthz serve` installs for these settings."""
     return tuple(build_observers(settings).observers)
 
 
 def run(policy: Path, cert_pem: bytes | None, n: int = 3000) -> list[dict[str, Any]]:
     hit_settings = _settings(policy, 100_000)
-    observers = _observers(hit_settings)
+    observers = observers_for(hit_settings)
     hit_app = build_app(hit_settings, observers=observers)
     bare_app = build_app(hit_settings)
-    miss_app = build_app(_settings(policy, 0), observers=_observers(_settings(policy, 0)))
+    miss_app = build_app(_settings(policy, 0), observers=observers_for(_settings(policy, 0)))
     if not hit_app.store.reload():
         raise RuntimeError(f"policy did not load: {hit_app.store.last_error}")
     for app in (bare_app, miss_app):  # one load (seconds for 10,000 rules), shared
@@ -108,9 +105,9 @@ def run(policy: Path, cert_pem: bytes | None, n: int = 3000) -> list[dict[str, A
     found = identity.resolve(request, now)
     servicer = hit_app.servicer
     # Warm the caches (decision, certificate facts, response memo).
-    first = _complete(servicer.Check(message, None))
+    first = run_to_completion(servicer.Check(message, None))
     assert first.status.code == 0, first
-    result = _complete(authorizer.check(request))
+    result = run_to_completion(authorizer.check(request))
     evaluated = compiled.evaluate(found, host, request.method, path or "/").decision
     options = ResponseOptions()
     key = (found.principal, found.source, found.issuer, request.method, host, path,

@@ -313,14 +313,11 @@ class IdentityResolver:
         self.key_caches = tuple(key_caches)
         names = {s.name for s in self._sources}
         self._xfcc_disabled = "xfcc" not in names
-        # Headers whose presence means the answer may depend on more than the principal.
-        watched = {self._config.xfcc_header}
-        for source in self._sources:
-            if isinstance(source, JwtSource):
-                watched.add(source.header)
-        self._watched = tuple(watched)
-        self._jwt_headers = tuple(h for h in watched if h != self._config.xfcc_header)
+        # Token headers: when one is present the answer depends on more than the peer.
         self._xfcc_header = self._config.xfcc_header
+        self._jwt_headers = tuple(
+            {s.header for s in self._sources if isinstance(s, JwtSource)} - {self._xfcc_header}
+        )
         self._trusted_proxies = self._config.trusted_proxies
         builtin = all(isinstance(s, MtlsSource | XfccSource | JwtSource) for s in self._sources)
         self._memo_size = memo_size if builtin else 0
