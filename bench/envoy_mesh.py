@@ -7,7 +7,7 @@
                                                                ▼
                                                         extauthz | floor
 
-* The **server sidecar** is extauthz's own bootstrap (`extauthz.envoy_bootstrap.render`):
+* The **server sidecar** is extauthz's own bootstrap (`extauthz.envoyconf.bootstrap.render`):
   mTLS listener requiring a client certificate, header sanitizing, ext_authz failing closed
   with the peer certificate included. Variants swap only the ext_authz filter: removed
   (`none`), replaced by native RBAC (`rbac`, see envoy_rbac.py), or pointed at the floor.
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from extauthz.envoy_bootstrap import SidecarConfig, render
+from extauthz.envoyconf.bootstrap import SidecarConfig, render
 
 HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."

@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
-from extauthz.matcher import CompiledPolicy, CompiledRule
-from extauthz.policy_store import load_policy
-from extauthz.principals import PrincipalSet
+from extauthz.policy.compiled import CompiledPolicy, CompiledRule
+from extauthz.policy.principals import PrincipalSet
+from extauthz.sources.policy_store import load_policy
 
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 _SEGMENT = "[a-zA-Z0-9._-]+"

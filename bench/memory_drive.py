@@ -27,8 +27,8 @@ import make_request
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from microbench import observers_for, run_to_completion
 
-from extauthz.server import build_app
 from extauthz.settings import load_settings
+from extauthz.transport.grpc_server import build_app
 
 
 def rss_mib() -> tuple[float, float]:

@@ -22,16 +22,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from extauthz.decision_log import fast_line
-from extauthz.observability import build_observers
-from extauthz.pipeline import normalize_host
-from extauthz.proto import ResponseOptions, to_request, to_response
-from extauthz.server import build_app
+from extauthz.decide.pipeline import normalize_host
+from extauthz.observe.decision_log import fast_line
+from extauthz.observe.tracing import SpanRecorder
+from extauthz.observe.wiring import build_observers
 from extauthz.settings import Settings
-from extauthz.telemetry import SpanRecorder
+from extauthz.transport.grpc_proto import ResponseOptions, to_request, to_response
+from extauthz.transport.grpc_server import build_app
 
 try:
-    from extauthz.paths import normalize_path
+    from extauthz.policy.paths import normalize_path
 except ImportError:  # pragma: no cover - moved
     normalize_path = None  # type: ignore[assignment]
 
@@ -172,7 +172,7 @@ if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "policy"
     if not target.exists():
         policies.generate(target)
-    from extauthz.certs import CertificateAuthority
+    from extauthz.devstack.certs import CertificateAuthority
 
     svid = CertificateAuthority.create("prod.example").issue_svid(make_request.PRINCIPAL)
     for row in run(target, svid.cert_pem):

@@ -19,9 +19,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from extauthz.matcher import CompiledPolicy, compile_policy
 from extauthz.model import Identity, IdentitySource
-from extauthz.policy import parse_document
+from extauthz.policy.compiled import CompiledPolicy, compile_policy
+from extauthz.policy.document import parse_document
 
 HOST = "orders.mesh.local"
 CALLER = "spiffe://prod.example/ns/shop/sa/checkout"

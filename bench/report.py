@@ -368,7 +368,7 @@ def render(res: dict[str, Any]) -> str:
         "",
         "The principal reaches extauthz the honest way: the client sidecar originates mTLS with "
         "the caller's X.509-SVID, the server sidecar (extauthz's own bootstrap from "
-        "`extauthz/envoy_bootstrap.py`: client certificate required, header sanitizing, "
+        "`extauthz/envoyconf/bootstrap.py`: client certificate required, header sanitizing, "
         "fail-closed ext_authz with the peer certificate) verifies it and sends its URI SAN to "
         "extauthz. Only the server sidecar's auth filter changes between rows (`bench/envoy_mesh"
         ".py`); the native RBAC row expresses the same 10,000 rules (`bench/envoy_rbac.py`, "

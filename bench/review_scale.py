@@ -34,8 +34,8 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extauthz.decision_log import format_line, record  # noqa: E402
-from extauthz.devstack import DEFAULT_POLICY_DIR  # noqa: E402
+from extauthz.decide.pipeline import CheckResult  # noqa: E402
+from extauthz.devstack.stack import DEFAULT_POLICY_DIR  # noqa: E402
 from extauthz.model import (  # noqa: E402
     Decision,
     Identity,
@@ -44,8 +44,8 @@ from extauthz.model import (  # noqa: E402
     Reason,
     Request,
 )
-from extauthz.pipeline import CheckResult  # noqa: E402
-from extauthz.policy_store import load_policy  # noqa: E402
+from extauthz.observe.decision_log import format_line, record  # noqa: E402
+from extauthz.sources.policy_store import load_policy  # noqa: E402
 
 T0 = 1_714_564_800  # 2024-05-01T12:00:00Z
 TD = "demo.local"
@@ -114,7 +114,7 @@ def generate(path: Path, lines: int, use_gzip: bool) -> None:
 
 def measure(argv: list[str]) -> None:
     """Child process: run one CLI command, print its wall time and peak RSS as JSON."""
-    from extauthz.cli import main  # noqa: PLC0415 - only the child process needs it
+    from extauthz.cli.main import main  # noqa: PLC0415 - only the child process needs it
 
     start = time.perf_counter()
     with open(os.devnull, "w") as sink:

@@ -64,8 +64,8 @@ import yaml  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2 as ea  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc  # noqa: E402
 
-from extauthz.certs import CertificateAuthority, write_pem  # noqa: E402
-from extauthz.devstack import _Proc, find_envoy, free_tcp_port, wait_for_grpc_serving  # noqa: E402
+from extauthz.devstack.certs import CertificateAuthority, write_pem  # noqa: E402
+from extauthz.devstack.stack import _Proc, find_envoy, free_tcp_port, wait_for_grpc_serving  # noqa: E402
 from extauthz.settings import Settings  # noqa: E402
 
 SECTIONS = ("direct", "envoy", "memory", "micro")

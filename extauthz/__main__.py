@@ -1,3 +1,3 @@
-from extauthz.cli import main
+from extauthz.cli.main import main
 
 raise SystemExit(main())

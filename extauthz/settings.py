@@ -55,7 +55,7 @@ class Settings:
     decision_log_sample_allowed: float = 1.0  # share of allowed decisions logged (0..1)
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; "" = no metrics
     tracing: bool = True  # spans per check (OTEL_* env configures the SDK)
-    # Server processes sharing the TCP port(s) (SO_REUSEPORT); see extauthz/workers.py.
+    # Server processes sharing the TCP port(s) (SO_REUSEPORT); see extauthz/transport/workers.py.
     workers: int = 1
     # YAML list of revoked principals / token ids, re-read on change like the policy.
     revocation_file: Path | None = None

@@ -16,8 +16,8 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:  # plain `pytest` (not `python -m pytest`) from anywhere
     sys.path.insert(0, _ROOT)
 
-from extauthz.certs import CertificateAuthority, Credential  # noqa: E402
-from extauthz.devstack import DevStack, EnvoyNotFoundError, find_envoy  # noqa: E402
+from extauthz.devstack.certs import CertificateAuthority, Credential  # noqa: E402
+from extauthz.devstack.stack import DevStack, EnvoyNotFoundError, find_envoy  # noqa: E402
 
 TRUST_DOMAIN = "demo.local"
 ORDERS = "orders.demo.local"

@@ -11,9 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from extauthz.certs import CertificateAuthority, Credential
-from extauthz.devstack import DevStack, TlsRefusedError, call
-from extauthz.upstream import SeenRequest
+from extauthz.devstack.certs import CertificateAuthority, Credential
+from extauthz.devstack.stack import DevStack, TlsRefusedError, call
+from extauthz.devstack.upstream import SeenRequest
 
 REASON = "x-extauthz-reason"
 PRINCIPAL = "x-extauthz-principal"

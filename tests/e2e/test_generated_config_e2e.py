@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from extauthz import devstack, upstream
-from extauthz.certs import Credential
-from extauthz.cli import main
-from extauthz.devstack import DevStack, call
-from extauthz.envoy_config import SidecarConfig
+from extauthz.cli.main import main
+from extauthz.devstack import stack as devstack
+from extauthz.devstack import upstream
+from extauthz.devstack.certs import Credential
+from extauthz.devstack.stack import DevStack, call
+from extauthz.envoyconf.config import SidecarConfig
 
 ORDERS = "orders.demo.local"  # as in conftest.TEST_POLICY
 CHECKOUT = "spiffe://demo.local/ns/shop/sa/checkout"

@@ -26,9 +26,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from extauthz import devstack
-from extauthz.certs import CertificateAuthority, write_pem
-from extauthz.devstack import DevStack
+from extauthz.devstack import stack as devstack
+from extauthz.devstack.certs import CertificateAuthority, write_pem
+from extauthz.devstack.stack import DevStack
 
 from .conftest import CHECKOUT, ORDERS, STRANGER, TEST_POLICY, TRUST_DOMAIN
 

@@ -32,9 +32,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from extauthz.certs import CertificateAuthority, Credential, write_pem
-from extauthz.devstack import EnvoyNotFoundError, find_envoy, free_tcp_port
-from extauthz.envoy_config import SidecarConfig, config_with_certs_dir, render_variant
+from extauthz.devstack.certs import CertificateAuthority, Credential, write_pem
+from extauthz.devstack.stack import EnvoyNotFoundError, find_envoy, free_tcp_port
+from extauthz.envoyconf.config import SidecarConfig, config_with_certs_dir, render_variant
 from tests.integration.server_process import stop, wait_serving
 
 TD = "demo.local"

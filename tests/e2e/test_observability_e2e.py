@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from extauthz.devstack import DevStack, call
+from extauthz.devstack.stack import DevStack, call
 
 from .conftest import CHECKOUT, ORDERS, STRANGER, TRUST_DOMAIN, _require_envoy
 

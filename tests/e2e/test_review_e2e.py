@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from extauthz.certs import Credential
-from extauthz.cli import main
-from extauthz.demo import WORKLOADS
-from extauthz.devstack import DEFAULT_POLICY_DIR, DevStack, call
-from extauthz.policy_store import load_policy
+from extauthz.cli.main import main
+from extauthz.devstack.certs import Credential
+from extauthz.devstack.demo import WORKLOADS
+from extauthz.devstack.stack import DEFAULT_POLICY_DIR, DevStack, call
+from extauthz.sources.policy_store import load_policy
 
 pytestmark = pytest.mark.e2e
 

@@ -76,7 +76,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def envoy_bin() -> str:
-    from extauthz.devstack import EnvoyNotFoundError, find_envoy
+    from extauthz.devstack.stack import EnvoyNotFoundError, find_envoy
 
     try:
         return find_envoy()
@@ -87,7 +87,7 @@ def envoy_bin() -> str:
 @pytest.fixture(scope="session")
 def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA bundle (ca.crt) and a server certificate (server.crt/.key) for configs to load."""
-    from extauthz.certs import CertificateAuthority, write_pem
+    from extauthz.devstack.certs import CertificateAuthority, write_pem
 
     d = tmp_path_factory.mktemp("certs")
     ca = CertificateAuthority.create("demo.local")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from extauthz import cli
-from extauthz.doctor import CHECKS, diagnose
+from extauthz.cli import main as cli
+from extauthz.tools.doctor import CHECKS, diagnose
 
 from .conftest import envoy_validate
 
@@ -77,7 +77,7 @@ def test_shipped_configs_have_no_findings(capsys: pytest.CaptureFixture[str]) ->
     "extauthz", ["127.0.0.1:9191", "unix:/run/extauthz/extauthz.sock", "[::1]:9191"]
 )
 def test_rendered_sidecar_variants_have_no_findings(extauthz: str) -> None:
-    from extauthz.envoy_bootstrap import SidecarConfig, render
+    from extauthz.envoyconf.bootstrap import SidecarConfig, render
 
     assert diagnose(render(SidecarConfig(extauthz=extauthz))) == []
 

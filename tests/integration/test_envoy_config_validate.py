@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extauthz.envoy_config import (
+from extauthz.envoyconf.config import (
     VARIANTS,
     SidecarConfig,
     Variant,
@@ -95,7 +95,7 @@ def test_variant_validates(
 
 
 def test_cli_output_validates(envoy_bin: str, certs_dir: Path, tmp_path: Path) -> None:
-    from extauthz.cli import main
+    from extauthz.cli.main import main
 
     for variant in ("sidecar", "network"):
         out = tmp_path / f"{variant}.yaml"
@@ -129,7 +129,7 @@ DOCTOR_VARIANTS = list(VARIANTS)  # the TCP (network) variant included
 @pytest.mark.parametrize("variant", DOCTOR_VARIANTS)
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_variant_is_clean_under_doctor(variant: Variant, option: str) -> None:
-    from extauthz.doctor import PolicyFacts, diagnose
+    from extauthz.tools.doctor import PolicyFacts, diagnose
 
     doc = as_bootstrap(variant, OPTIONS[option])
     for policy in (None, PolicyFacts(("orders.demo.local",), matches_on_path=True)):
@@ -169,8 +169,8 @@ def test_cli_refuses_what_the_doctor_flags(tmp_path: Path) -> None:
     """The doctor author's report: `--extauthz 10.1.2.3:9191` used to render a plaintext gRPC
     cluster to a non-loopback address (`authz_cluster.plaintext`). The renderer now refuses it;
     the doctor still flags such a cluster when someone writes it by hand."""
-    from extauthz.cli import main
-    from extauthz.doctor import diagnose
+    from extauthz.cli.main import main
+    from extauthz.tools.doctor import diagnose
 
     out = tmp_path / "remote.yaml"
     assert main(["envoy-config", "--extauthz", "10.1.2.3:9191", "-o", str(out)]) == 2

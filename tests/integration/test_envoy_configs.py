@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extauthz.envoy_bootstrap import (
+from extauthz.envoyconf.bootstrap import (
     DEFAULT_CERTS_DIR,
     SidecarConfig,
     config_with_certs_dir,
@@ -37,7 +37,7 @@ def _assert_valid(envoy_bin: str, config: Path) -> None:
 def test_shipped_sidecar_is_the_rendered_default() -> None:
     shipped = ROOT / "envoy" / "sidecar.yaml"
     assert shipped.read_text(encoding="utf-8") == render_yaml(), (
-        "envoy/sidecar.yaml is stale: python -m extauthz.envoy_bootstrap --write envoy/sidecar.yaml"
+        "envoy/sidecar.yaml is stale: python -m extauthz.envoyconf.bootstrap --write envoy/sidecar.yaml"
     )
     assert main(["--check", str(shipped)]) == 0
 

@@ -1,5 +1,5 @@
 """extauthz's own gRPC listener with mutual TLS and an allowed-client list (real process,
-real certificates from extauthz.certs).
+real certificates from extauthz.devstack.certs).
 
 The server listens on TCP with TLS and on a unix socket (plaintext by design); readiness is
 awaited on the unix socket.
@@ -20,9 +20,9 @@ from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extauthz.certs import CertificateAuthority, Credential, write_pem
-from extauthz.grpc_tls import TlsConfig, channel_credentials, peer_spiffe_id
+from extauthz.devstack.certs import CertificateAuthority, Credential, write_pem
 from extauthz.settings import Settings, SettingsError
+from extauthz.transport.tls import TlsConfig, channel_credentials, peer_spiffe_id
 from tests.integration.server_process import free_port, stop, wait_serving
 
 TD = "demo.local"

@@ -242,7 +242,7 @@ def test_a_real_jwt_and_peer_certificate_never_reach_spans_logs_or_metrics(
 ) -> None:
     from urllib.parse import quote
 
-    from extauthz.certs import CertificateAuthority
+    from extauthz.devstack.certs import CertificateAuthority
 
     key, jwks_file, jwk = _jwt_material(tmp_path)
     token = _token(key, "batch-job")

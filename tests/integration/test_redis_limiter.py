@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio as aioredis
 
-from extauthz.model import Outcome
-from extauthz.ratelimit import (
+from extauthz.backends.redis_limiter import FailureMode, RedisLimiter
+from extauthz.decide.ratelimit import (
     Limit,
     LimitResult,
     LocalLimiter,
@@ -24,7 +24,7 @@ from extauthz.ratelimit import (
     rate_limit_headers,
     rule_key,
 )
-from extauthz.redis_limiter import FailureMode, RedisLimiter
+from extauthz.model import Outcome
 from tests.redis_server import RedisServer, docker_available, free_port
 
 pytestmark = pytest.mark.redis
@@ -242,7 +242,7 @@ def test_survives_script_flush(redis_url: str) -> None:
 
 
 def rl_sha() -> str:
-    from extauthz.redis_limiter import GCRA_SHA
+    from extauthz.backends.redis_limiter import GCRA_SHA
 
     return GCRA_SHA
 

@@ -22,7 +22,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from extauthz.policy_store import load_policy
+from extauthz.sources.policy_store import load_policy
 
 from .server_process import free_port, running_server
 

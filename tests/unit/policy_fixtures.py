@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from extauthz.matcher import CompiledPolicy, compile_policy
-from extauthz.policy import parse_document
+from extauthz.policy.compiled import CompiledPolicy, compile_policy
+from extauthz.policy.document import parse_document
 
 CHECKOUT = "spiffe://prod.example/ns/shop/sa/checkout"
 BILLING = "spiffe://prod.example/ns/finance/sa/billing"

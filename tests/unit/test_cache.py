@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
-from extauthz.cache import DecisionCache
+from extauthz.decide.cache import DecisionCache
+from extauthz.decide.pipeline import Authorizer
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
-from extauthz.pipeline import Authorizer
 
 from .policy_fixtures import CHECKOUT, compiled
 from .test_pipeline import HOST, RULES, Clock, Holder

@@ -3,9 +3,10 @@
 import ast
 from pathlib import Path
 
-CORE = ["model", "spiffe", "xfcc", "jwt_auth", "identity", "policy", "paths", "matcher",
-        "conditions", "network_policy", "principals", "explain", "review", "inventory",
-        "cache", "ratelimit", "pipeline"]
+CORE = ["model", "identity/spiffe", "identity/xfcc", "identity/jwt", "identity/resolver",
+        "policy/document", "policy/paths", "policy/compiled", "policy/conditions",
+        "policy/connections", "policy/principals", "tools/explain", "tools/review",
+        "tools/inventory", "decide/cache", "decide/ratelimit", "decide/pipeline"]
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "opentelemetry.sdk", "redis", "envoy",
              "xds", "urllib", "http", "socket", "asyncio.subprocess", "subprocess")
 

@@ -13,7 +13,10 @@ from typing import Any
 import jsonschema
 import pytest
 
-from extauthz.decision_log import (
+from extauthz.decide.pipeline import CheckResult
+from extauthz.decide.ratelimit import LimitResult
+from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
+from extauthz.observe.decision_log import (
     ROUTE_KEY,
     SCHEMA_MINOR,
     SCHEMA_VERSION,
@@ -23,9 +26,6 @@ from extauthz.decision_log import (
     format_line,
     record,
 )
-from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
-from extauthz.pipeline import CheckResult
-from extauthz.ratelimit import LimitResult
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "decision-log.schema.json"
 PRINCIPAL = "spiffe://demo.local/ns/shop/sa/checkout"
@@ -165,7 +165,7 @@ def test_schema_version_is_honest_minor_versions_only_append() -> None:
 
 
 def test_route_comes_from_envoys_context_extensions() -> None:
-    from extauthz.envoy_config import ROUTE_CONTEXT_KEY
+    from extauthz.envoyconf.config import ROUTE_CONTEXT_KEY
 
     assert ROUTE_KEY == ROUTE_CONTEXT_KEY  # the key the generated Envoy config sets
     assert record(1.0, ROUTED, DENY, 0.001)["route"] == "orders-api"
@@ -328,9 +328,9 @@ def test_unwritable_file_fails_at_start(tmp_path: Path) -> None:
 
 
 def test_the_combined_observer_logs_with_the_span_ids_and_survives_a_failing_part() -> None:
-    from extauthz.metrics import CheckMetrics
-    from extauthz.observability import DecisionObserver
-    from extauthz.telemetry import SpanRecorder, TraceIds
+    from extauthz.observe.metrics import CheckMetrics
+    from extauthz.observe.tracing import SpanRecorder, TraceIds
+    from extauthz.observe.wiring import DecisionObserver
 
     class Spans(SpanRecorder):
         def __init__(self, fail: bool) -> None:

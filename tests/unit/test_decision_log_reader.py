@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from extauthz import decision_log_reader
-from extauthz.decision_log_reader import (
+from extauthz.tools import logread as decision_log_reader
+from extauthz.tools.logread import (
     MAX_LINE_BYTES,
     MAX_PROBLEMS,
     LogReadError,

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from extauthz import cli
-from extauthz.doctor import (
+from extauthz.cli import main as cli
+from extauthz.sources.policy_store import load_policy
+from extauthz.tools.doctor import (
     CHECKS,
     DoctorError,
     Finding,
@@ -30,7 +31,6 @@ from extauthz.doctor import (
     render_json,
     render_text,
 )
-from extauthz.policy_store import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = ROOT / "tests" / "cases" / "doctor"
@@ -549,11 +549,11 @@ def _check_request() -> Any:
 
 
 def _servicer(policy_source: Any) -> Any:
-    from extauthz.cache import DecisionCache
-    from extauthz.identity import IdentityConfig, IdentityResolver
-    from extauthz.pipeline import Authorizer
-    from extauthz.proto import ResponseOptions
-    from extauthz.server import AuthorizationServicer
+    from extauthz.decide.cache import DecisionCache
+    from extauthz.decide.pipeline import Authorizer
+    from extauthz.identity.resolver import IdentityConfig, IdentityResolver
+    from extauthz.transport.grpc_proto import ResponseOptions
+    from extauthz.transport.grpc_server import AuthorizationServicer
 
     clock = lambda: 1_000_000.0  # noqa: E731
     authorizer = Authorizer(policy_source, IdentityResolver.from_config(IdentityConfig()),

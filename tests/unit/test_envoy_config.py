@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from extauthz.cli import main
-from extauthz.envoy_bootstrap import render
-from extauthz.envoy_config import (
+from extauthz.cli.main import main
+from extauthz.envoyconf.bootstrap import render
+from extauthz.envoyconf.config import (
     EXT_AUTHZ_NAMESPACE,
     VARIANTS,
     SidecarConfig,
@@ -243,7 +243,8 @@ def test_bad_options_are_refused(kwargs: dict[str, Any]) -> None:
 def test_cli_defaults_mirror_the_builder() -> None:
     import dataclasses
 
-    from extauthz import cli_envoy, envoy_config
+    from extauthz.cli import envoy as cli_envoy
+    from extauthz.envoyconf import config as envoy_config
 
     assert cli_envoy.VARIANTS == envoy_config.VARIANTS
     assert cli_envoy.DEFAULT_CERTS_DIR == envoy_config.DEFAULT_CERTS_DIR
@@ -257,7 +258,7 @@ def test_registering_the_command_does_not_import_envoy_data_plane() -> None:
     import sys
 
     code = (
-        "import sys, argparse; from extauthz import cli_envoy; "
+        "import sys, argparse; from extauthz.cli import envoy as cli_envoy; "
         "p = argparse.ArgumentParser(); cli_envoy.register(p.add_subparsers()); "
         "assert not any(m.startswith('envoy_data_plane') for m in sys.modules), 'imported'"
     )
@@ -357,7 +358,7 @@ def test_cli_refuses_non_loopback_plaintext(target: str, capsys: pytest.CaptureF
 
 
 def test_bootstrap_script_refuses_non_loopback_plaintext(capsys: pytest.CaptureFixture[str]) -> None:
-    from extauthz.envoy_bootstrap import main as bootstrap_main
+    from extauthz.envoyconf.bootstrap import main as bootstrap_main
 
     assert bootstrap_main(["--extauthz", "10.1.2.3:9191"]) == 2
     assert "plaintext" in capsys.readouterr().err
@@ -375,8 +376,8 @@ def test_loopback_plaintext_authz_is_fine(target: str) -> None:
      "ip6-localhost", "10.0.0.1", "0.0.0.0", "::", "example.com", "localhost.example.com"],
 )
 def test_loopback_agrees_with_the_doctor(host: str) -> None:
-    from extauthz import doctor
-    from extauthz.envoy_config import is_loopback_host
+    from extauthz.envoyconf.config import is_loopback_host
+    from extauthz.tools import doctor
 
     assert is_loopback_host(host) == doctor._is_loopback(host)
 
@@ -413,8 +414,8 @@ def test_cli_principal_header(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_principal_header_default_matches_the_server() -> None:
-    from extauthz.proto import ResponseOptions
     from extauthz.settings import Settings
+    from extauthz.transport.grpc_proto import ResponseOptions
 
     assert SidecarConfig().principal_header == Settings().principal_header
     assert SidecarConfig().principal_header == ResponseOptions().principal_header

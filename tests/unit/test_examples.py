@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 import yaml
 
-from extauthz.certs import CertificateAuthority, write_pem
-from extauthz.devstack import EnvoyNotFoundError, find_envoy
-from extauthz.envoy_config import SidecarConfig, config_with_certs_dir, render_variant
-from extauthz.policy_store import load_policy
+from extauthz.devstack.certs import CertificateAuthority, write_pem
+from extauthz.devstack.stack import EnvoyNotFoundError, find_envoy
+from extauthz.envoyconf.config import SidecarConfig, config_with_certs_dir, render_variant
+from extauthz.sources.policy_store import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

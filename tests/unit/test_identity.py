@@ -10,13 +10,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
-from extauthz.identity import (
+from extauthz.identity.jwt import JwkKey, JwtIssuerConfig
+from extauthz.identity.resolver import (
     NOTES_CLAIM,
     IdentityConfig,
     IdentityResolver,
     www_authenticate,
 )
-from extauthz.jwt_auth import JwkKey, JwtIssuerConfig
 from extauthz.model import Identity, IdentityFailure, IdentitySource, Reason, Request
 from tests.unit.test_x509svid import ID, NOW, make_cert
 

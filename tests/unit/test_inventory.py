@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.cli import main
-from extauthz.cli_review import explicit_owners, policy_texts
-from extauthz.inventory import InventoryBuilder, format_inventory
+from extauthz.cli.main import main
+from extauthz.cli.review import explicit_owners, policy_texts
 from extauthz.model import IdentitySource, Reason
-from extauthz.policy_store import load_policy
+from extauthz.sources.policy_store import load_policy
+from extauthz.tools.inventory import InventoryBuilder, format_inventory
 from tests.unit.test_review_support import (
     BILLING,
     CART,

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm
 
-from extauthz.jwks import (
+from extauthz.sources.jwks import (
     JwksCache,
     JwksError,
     discovery_fetcher,

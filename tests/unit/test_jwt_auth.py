@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import get_default_algorithms
 
-from extauthz import jwt_auth
-from extauthz.jwks import JwkKey
-from extauthz.jwt_auth import JwtError, JwtIssuerConfig, JwtVerifier
+from extauthz.identity import jwt as jwt_auth
+from extauthz.identity.jwt import JwtError, JwtIssuerConfig, JwtVerifier
 from extauthz.model import IdentitySource, Reason
+from extauthz.sources.jwks import JwkKey
 
 NOW = 1_900_000_000.0
 TD = "prod.example.org"

@@ -92,7 +92,7 @@ def test_lookup_cost_does_not_scan_rules() -> None:
 
 
 def test_hosts_are_case_insensitive_ports_ignored_and_a_trailing_dot_kept() -> None:
-    from extauthz.explain import Probe, decide
+    from extauthz.tools.explain import Probe, decide
 
     p = compiled([{"name": "r", "methods": ["GET"], "path": "/v1/orders", "allow": ["checkout"]}])
     for host in ("orders.mesh.local", "Orders.Mesh.Local", "ORDERS.mesh.local:8443", "orders.mesh.local:1"):

@@ -3,9 +3,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.matcher import CompiledPolicy, regex_bucket
 from extauthz.model import Identity, IdentitySource, Reason
-from extauthz.paths import normalize_path
+from extauthz.policy.compiled import CompiledPolicy, regex_bucket
+from extauthz.policy.paths import normalize_path
 
 from .policy_fixtures import BILLING, CART, CHECKOUT, compiled
 
@@ -91,7 +91,7 @@ def test_lookup_tables_agree_with_each_rule_matched_on_its_own(segs: list[str], 
 def test_regex_that_python_re_accepts_but_re2_rejects_is_a_load_error() -> None:
     import pytest
 
-    from extauthz.policy import PolicyError
+    from extauthz.policy.document import PolicyError
 
     for bad in ("^/(a)\\1$", "^/(?=admin)", "^/(?<!x)y"):  # backreference, lookaround
         with pytest.raises(PolicyError, match="invalid RE2 regular expression"):
@@ -176,7 +176,7 @@ def test_ten_thousand_template_and_regex_rules_are_not_scanned() -> None:
 
 
 def test_a_method_override_query_parameter_is_reported() -> None:
-    from extauthz.matcher import query_method_override
+    from extauthz.policy.compiled import query_method_override
 
     for raw in ("/v1/x?_method=DELETE", "/v1/x?a=1&_method=delete", "/v1/x?%5Fmethod=DELETE",
                 "/v1/x?_METHOD=PUT", "/v1/x?_method=%44ELETE", "/v1/x?_method=", "/v1/x?_method"):

@@ -10,16 +10,16 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extauthz.matcher import CompiledPolicy
-from extauthz.metrics import (
+from extauthz.decide.pipeline import CheckResult
+from extauthz.decide.ratelimit import LimitResult
+from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
+from extauthz.observe.metrics import (
     CheckMetrics,
     Sources,
     registry_for,
     start_metrics_server,
 )
-from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
-from extauthz.pipeline import CheckResult
-from extauthz.ratelimit import LimitResult
+from extauthz.policy.compiled import CompiledPolicy
 
 from .policy_fixtures import BILLING, CHECKOUT, compiled
 
@@ -165,10 +165,10 @@ def test_real_jwks_caches_are_found_after_a_revocation_reload(tmp_path: Any) -> 
     import json
     from pathlib import Path
 
-    from extauthz.jwks import JwksCache
-    from extauthz.observability import _key_caches
-    from extauthz.server import apply_revocations, build_app
+    from extauthz.observe.wiring import _key_caches
     from extauthz.settings import Settings
+    from extauthz.sources.jwks import JwksCache
+    from extauthz.transport.grpc_server import apply_revocations, build_app
 
     policy = Path(tmp_path) / "policy"
     policy.mkdir()
@@ -200,7 +200,7 @@ def test_real_jwks_caches_are_found_after_a_revocation_reload(tmp_path: Any) -> 
 
 
 def test_real_jwks_cache_refreshes_and_failures_are_counted() -> None:
-    from extauthz.jwks import JwksCache
+    from extauthz.sources.jwks import JwksCache
 
     def failing() -> bytes:
         raise OSError("connection refused")

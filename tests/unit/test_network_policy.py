@@ -8,13 +8,13 @@ from envoy.service.auth.v3 import external_auth_pb2 as ea
 from google.rpc import code_pb2
 
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason
-from extauthz.network_policy import (
+from extauthz.policy.connections import (
     ConnectionPolicyError,
     compile_connections,
     destination_port,
     parse_connections,
 )
-from extauthz.proto import is_network_check, to_network_response, to_request
+from extauthz.transport.grpc_proto import is_network_check, to_network_response, to_request
 
 CHECKOUT = "spiffe://demo.local/ns/shop/sa/checkout"
 BATCH = "spiffe://demo.local/ns/batch/sa/exporter"

@@ -1,4 +1,4 @@
-from extauthz.observability import build_observers
+from extauthz.observe.wiring import build_observers
 from extauthz.settings import Settings
 
 

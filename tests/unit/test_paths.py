@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extauthz.paths import normalize_path
+from extauthz.policy.paths import normalize_path
 
 
 def test_non_origin_form_paths_are_ambiguous() -> None:
@@ -104,7 +104,7 @@ def test_normalizing_is_idempotent_over_attack_alphabet(parts: list[str]) -> Non
 
 
 def test_without_params_is_what_param_stripping_servers_route() -> None:
-    from extauthz.paths import without_params
+    from extauthz.policy.paths import without_params
 
     assert without_params("/v1/admin;x/users") == "/v1/admin/users"
     assert without_params("/v1/;x/admin") == "/v1/admin"

@@ -1,11 +1,11 @@
 import asyncio
 
-from extauthz.cache import DecisionCache
-from extauthz.identity import IdentityConfig, IdentityResolver
-from extauthz.matcher import CompiledPolicy
+from extauthz.decide.cache import DecisionCache
+from extauthz.decide.pipeline import Authorizer, CheckResult, InProcessLimiter, normalize_host
+from extauthz.decide.ratelimit import LocalLimiter
+from extauthz.identity.resolver import IdentityConfig, IdentityResolver
 from extauthz.model import Identity, IdentitySource, Outcome, Reason, Request
-from extauthz.pipeline import Authorizer, CheckResult, InProcessLimiter, normalize_host
-from extauthz.ratelimit import LocalLimiter
+from extauthz.policy.compiled import CompiledPolicy
 
 from .policy_fixtures import BILLING, CHECKOUT, compiled
 
@@ -161,8 +161,8 @@ class _FixedIdentity:
 
 
 def test_limits_of_jwt_principals_apply_by_issuer_and_subject() -> None:
-    from extauthz.matcher import compile_policy
-    from extauthz.policy import parse_document
+    from extauthz.policy.compiled import compile_policy
+    from extauthz.policy.document import parse_document
 
     from .policy_fixtures import doc
 

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.cache import DecisionCache
-from extauthz.matcher import CompiledPolicy
+from extauthz.decide.cache import DecisionCache
+from extauthz.decide.pipeline import Authorizer
 from extauthz.model import Decision, Identity, IdentitySource, Reason, Request
-from extauthz.pipeline import Authorizer
+from extauthz.policy.compiled import CompiledPolicy
 
 from .policy_fixtures import CHECKOUT, compiled
 

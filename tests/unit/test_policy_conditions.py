@@ -4,9 +4,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from extauthz.conditions import ConditionError, compile_condition
 from extauthz.model import Identity, IdentitySource, Reason
-from extauthz.policy import PolicyError
+from extauthz.policy.conditions import ConditionError, compile_condition
+from extauthz.policy.document import PolicyError
 
 from .policy_fixtures import CHECKOUT, compiled
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extauthz.policy import PolicyError, load_yaml, parse_document
-from extauthz.policy_store import load_policy
+from extauthz.policy.document import PolicyError, load_yaml, parse_document
+from extauthz.sources.policy_store import load_policy
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD = "apiVersion: extauthz/v1\nowner: t\nservice: s\nhosts: [orders.mesh.local]\n"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.cli import main
-from extauthz.policy_lint import format_json, format_text, validate_directory
+from extauthz.cli.main import main
+from extauthz.tools.lint import format_json, format_text, validate_directory
 
 HEAD = """apiVersion: extauthz/v1
 owner: team-orders

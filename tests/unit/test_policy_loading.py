@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.policy import PolicyError, parse_document
-from extauthz.policy_store import PolicyLoadError, load_policy
+from extauthz.policy.document import PolicyError, parse_document
+from extauthz.sources.policy_store import PolicyLoadError, load_policy
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 

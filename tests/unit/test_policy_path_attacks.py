@@ -4,9 +4,9 @@ a rule its canonical form does not; the only other outcome is an ambiguous-path 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.explain import Probe, decide
-from extauthz.matcher import CompiledPolicy
 from extauthz.model import Reason
+from extauthz.policy.compiled import CompiledPolicy
+from extauthz.tools.explain import Probe, decide
 
 from .policy_fixtures import BILLING, CART, CHECKOUT, compiled
 
@@ -95,7 +95,7 @@ def test_poisoned_variants_get_the_canonical_answer_or_are_ambiguous(
     reason, rule = answer(poisoned, who)
     if reason is not Reason.AMBIGUOUS_PATH:
         # Still a valid path: whatever it reaches, its own canonical form reaches too.
-        from extauthz.paths import normalize_path
+        from extauthz.policy.paths import normalize_path
 
         canonical = normalize_path(poisoned)
         assert canonical is not None
@@ -149,7 +149,7 @@ def with_params(draw: st.DrawFn) -> str:
 @given(with_params(), st.sampled_from([CART, CHECKOUT, BILLING]))
 def test_a_path_with_parameters_is_allowed_only_if_its_stripped_form_is(
         path: str, who: str) -> None:
-    from extauthz.paths import normalize_path, without_params
+    from extauthz.policy.paths import normalize_path, without_params
 
     normalized = normalize_path(path)
     assert normalized is not None

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extauthz.matcher import CompiledPolicy
-from extauthz.metrics import Sources, registry_for
 from extauthz.model import Identity, IdentitySource
-from extauthz.policy_store import MAX_FILE_BYTES, PolicyStore, load_policy
+from extauthz.observe.metrics import Sources, registry_for
+from extauthz.policy.compiled import CompiledPolicy
+from extauthz.sources.policy_store import MAX_FILE_BYTES, PolicyStore, load_policy
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 CLIENT = "spiffe://prod.example/ns/reload/sa/client"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.cli import main
-from extauthz.explain import CallerError, Probe, caller_identity, explain, format_explanation
-from extauthz.policy_store import load_policy
-from extauthz.policy_test import format_results, run_directory
+from extauthz.cli.main import main
+from extauthz.sources.policy_store import load_policy
+from extauthz.tools.explain import CallerError, Probe, caller_identity, explain, format_explanation
+from extauthz.tools.policy_tests import format_results, run_directory
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKOUT = "spiffe://prod.example/ns/shop/sa/checkout"

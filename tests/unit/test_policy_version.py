@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extauthz.explain import Probe, decide
 from extauthz.model import Reason
-from extauthz.policy_store import load_policy
+from extauthz.sources.policy_store import load_policy
+from extauthz.tools.explain import Probe, decide
 
 REPO_POLICY = Path(__file__).resolve().parents[2] / "policy"
 ORDERS = "orders.mesh.local"

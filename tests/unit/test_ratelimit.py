@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.model import Outcome
-from extauthz.ratelimit import (
+from extauthz.decide.ratelimit import (
     Limit,
     LimitResult,
     LocalLimiter,
@@ -19,6 +18,7 @@ from extauthz.ratelimit import (
     rate_limit_headers,
     rule_key,
 )
+from extauthz.model import Outcome
 
 
 class Clock:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from extauthz.matcher import CompiledPolicy
-from extauthz.policy import PathMatch
-from extauthz.review import Report, ReviewConfig, Reviewer, is_variable, shape_of
+from extauthz.policy.compiled import CompiledPolicy
+from extauthz.policy.document import PathMatch
+from extauthz.tools.review import Report, ReviewConfig, Reviewer, is_variable, shape_of
 from tests.unit.test_review_support import (
     BILLING,
     CART,

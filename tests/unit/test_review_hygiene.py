@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from extauthz.matcher import CompiledPolicy
 from extauthz.model import IdentitySource, Reason
-from extauthz.review import TOKEN_LIFETIME_FIELD, Report, ReviewConfig, Reviewer
+from extauthz.policy.compiled import CompiledPolicy
+from extauthz.tools.review import TOKEN_LIFETIME_FIELD, Report, ReviewConfig, Reviewer
 from tests.unit.test_review_support import BILLING, CHECKOUT, LEGACY, policy_at, rec
 
 EVIL = "spiffe://evil.example/ns/shop/sa/checkout"

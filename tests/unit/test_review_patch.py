@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
-from extauthz.cli import main
+from extauthz.cli.main import main
 from extauthz.model import Identity, IdentitySource
-from extauthz.policy_store import load_policy
-from extauthz.review import Patch, PatchError, ReviewConfig, Reviewer, check_patch, render_patch
+from extauthz.sources.policy_store import load_policy
+from extauthz.tools.review import (
+    Patch,
+    PatchError,
+    ReviewConfig,
+    Reviewer,
+    check_patch,
+    render_patch,
+)
 from tests.unit.test_review_support import (
     BILLING,
     CART,

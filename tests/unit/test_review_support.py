@@ -10,11 +10,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from extauthz.decision_log import record
-from extauthz.matcher import CompiledPolicy
+from extauthz.decide.pipeline import CheckResult
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
-from extauthz.pipeline import CheckResult
-from extauthz.policy_store import load_policy
+from extauthz.observe.decision_log import record
+from extauthz.policy.compiled import CompiledPolicy
+from extauthz.sources.policy_store import load_policy
 
 HOST = "orders.mesh"
 CHECKOUT = "spiffe://prod.example/ns/shop/sa/checkout"

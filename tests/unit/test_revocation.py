@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.revocation import RevocationError, fingerprint, load_revocations
+from extauthz.sources.revocation import RevocationError, fingerprint, load_revocations
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extauthz.spiffe import (
+from extauthz.identity.spiffe import (
     SpiffeId,
     SpiffeIdError,
     SpiffePattern,

@@ -12,10 +12,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
+from extauthz.decide.pipeline import CheckResult
+from extauthz.decide.ratelimit import LimitResult
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
-from extauthz.pipeline import CheckResult
-from extauthz.ratelimit import LimitResult
-from extauthz.telemetry import (
+from extauthz.observe.tracing import (
     NO_TRACE,
     BoundedSpanProcessor,
     SpanRecorder,

@@ -9,8 +9,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from extauthz import x509svid
-from extauthz.x509svid import CertCache, CertFacts, CertificateError, check_svid, parse_certificate
+from extauthz.identity import x509svid
+from extauthz.identity.x509svid import (
+    CertCache,
+    CertFacts,
+    CertificateError,
+    check_svid,
+    parse_certificate,
+)
 
 ID = "spiffe://prod.example.org/ns/pay/sa/api"
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC).timestamp()

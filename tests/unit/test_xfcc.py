@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extauthz.xfcc import XfccElement, XfccError, parse_xfcc
+from extauthz.identity.xfcc import XfccElement, XfccError, parse_xfcc
 
 HASH = "468ed33be74eee6556d90c0149c1309e9ba61d6425303443c0748a02dd8de688"
 

@@ -1,0 +1,1 @@
+"""Shared state outside the process: the Redis rate limiter."""

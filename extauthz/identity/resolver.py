@@ -1,0 +1,539 @@
+"""Who is calling: turn a Request into a verified Identity, an IdentityFailure, or nothing.
+
+Sources are tried in the configured order (default: XFCC from a trusted proxy, then JWT, then
+the mTLS peer). A source that finds no credential says nothing (None) and the next one is
+asked; a source that finds a credential it cannot trust fails the whole resolution — a bad
+credential is never silently replaced by another one. See docs/identity.md.
+
+Things worth knowing that are not failures (e.g. "an XFCC header from an untrusted peer was
+ignored") are *notes*: `resolve_detailed()` returns them next to the result, and `resolve()`
+puts them on the Identity under the reserved claim key `NOTES_CLAIM` ("_notes").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from extauthz.identity.jwt import (
+    DEFAULT_MAX_JSON_DEPTH,
+    DEFAULT_MAX_TOKEN_BYTES,
+    JwtError,
+    JwtIssuerConfig,
+    JwtVerifier,
+    KeyProvider,
+)
+from extauthz.identity.spiffe import SpiffeIdError, check_trust_domain_name, parse_spiffe_id
+from extauthz.identity.x509svid import CertCache, CertificateError, check_svid
+from extauthz.identity.xfcc import DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_LENGTH, XfccError, parse_xfcc
+from extauthz.model import Identity, IdentityFailure, IdentitySource, Reason, Request
+
+if TYPE_CHECKING:
+    from extauthz.sources.jwks import JwksCache
+
+MAX_PRINCIPAL_LENGTH = 2048
+NOTES_CLAIM = "_notes"
+SOURCE_NAMES = ("xfcc", "jwt", "mtls")
+
+
+def _strings(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(values)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    # Empty means "any syntactically valid trust domain"; production configs should list them.
+    trust_domains: frozenset[str] = field(default_factory=frozenset)
+    # Which sources are consulted, first match wins. A name left out disables that source.
+    order: tuple[str, ...] = SOURCE_NAMES
+    # mTLS: refuse a principal Envoy reports without the peer certificate to check it against.
+    require_peer_certificate: bool = False
+    cert_cache_size: int = 1024
+    # XFCC: honoured only when the verified mTLS peer is one of these SPIFFE IDs.
+    trusted_proxies: frozenset[str] = field(default_factory=frozenset)
+    xfcc_header: str = "x-forwarded-client-cert"
+    xfcc_max_bytes: int = DEFAULT_MAX_LENGTH
+    xfcc_max_elements: int = DEFAULT_MAX_ELEMENTS
+    # JWT / JWT-SVID.
+    jwt_issuers: tuple[JwtIssuerConfig, ...] = ()
+    jwt_header: str = "authorization"
+    jwt_scheme: str = "Bearer"
+    jwt_max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+    jwt_max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    jwt_cache_size: int = 4096
+    # Revocation: principals (any source), and token ids (JWT `jti`, or sha256 hex of the token).
+    revoked_principals: frozenset[str] = field(default_factory=frozenset)
+    revoked_token_ids: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        for name in self.order:
+            if name not in SOURCE_NAMES:
+                raise ValueError(f"identity.order: unknown source {name!r}")
+        if len(set(self.order)) != len(self.order):
+            raise ValueError("identity.order: a source is listed twice")
+        for td in self.trust_domains:
+            check_trust_domain_name(td)
+        for proxy in self.trusted_proxies:
+            parse_spiffe_id(proxy)
+        for issuer in self.jwt_issuers:
+            if (
+                issuer.jwt_svid
+                and self.trust_domains
+                and issuer.trust_domain not in (self.trust_domains)
+            ):
+                raise ValueError(
+                    f"jwt issuer {issuer.issuer!r}: trust domain {issuer.trust_domain!r} "
+                    "is not in identity.trust_domains"
+                )
+        if self.xfcc_header != self.xfcc_header.lower() or not self.xfcc_header:
+            raise ValueError("identity.xfcc.header must be a lowercase header name")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> IdentityConfig:
+        """Build from the `identity:` section of the server config (see docs/identity.md)."""
+        data = dict(data)
+        xfcc = dict(data.pop("xfcc", None) or {})
+        jwt = dict(data.pop("jwt", None) or {})
+        issuers = [_issuer_from_mapping(i) for i in jwt.pop("issuers", None) or ()]
+        kwargs: dict[str, Any] = {}
+        for key in ("trust_domains", "trusted_proxies", "revoked_principals", "revoked_token_ids"):
+            if key in data:
+                kwargs[key] = _strings(_str_list(data.pop(key), key))
+        if "order" in data:
+            kwargs["order"] = tuple(_str_list(data.pop("order"), "order"))
+        for key in ("require_peer_certificate", "cert_cache_size"):
+            if key in data:
+                kwargs[key] = data.pop(key)
+        for key in ("header", "max_bytes", "max_elements"):
+            if key in xfcc:
+                kwargs[f"xfcc_{key}"] = xfcc.pop(key)
+        for key in ("header", "scheme", "max_token_bytes", "max_json_depth", "cache_size"):
+            if key in jwt:
+                kwargs[f"jwt_{key}"] = jwt.pop(key)
+        leftover = [*data, *(f"xfcc.{k}" for k in xfcc), *(f"jwt.{k}" for k in jwt)]
+        if leftover:
+            raise ValueError(f"identity: unknown keys {sorted(leftover)}")
+        return cls(jwt_issuers=tuple(issuers), **kwargs)
+
+
+def _str_list(value: object, name: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"identity.{name} must be a list of strings")
+    return list(value)
+
+
+def _issuer_from_mapping(raw: object) -> JwtIssuerConfig:
+    if not isinstance(raw, Mapping):
+        raise ValueError("identity.jwt.issuers entries must be mappings")
+    item = dict(raw)
+    if "audiences" in item:
+        item["audiences"] = frozenset(_str_list(item["audiences"], "jwt.issuers.audiences"))
+    if "algorithms" in item:
+        item["algorithms"] = tuple(_str_list(item["algorithms"], "jwt.issuers.algorithms"))
+    try:
+        return JwtIssuerConfig(**item)
+    except TypeError as exc:
+        raise ValueError(f"identity.jwt.issuers: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    result: Identity | IdentityFailure | None
+    notes: tuple[str, ...] = ()
+
+
+class Source(Protocol):
+    name: str
+
+    def resolve(
+        self, request: Request, now: float, notes: list[str]
+    ) -> Identity | IdentityFailure | None: ...
+
+
+def _fail(reason: Reason, detail: str, source: IdentitySource) -> IdentityFailure:
+    return IdentityFailure(reason, detail, source)
+
+
+class MtlsSource:
+    """The peer's X509-SVID: Envoy's principal, checked against the forwarded certificate."""
+
+    name = "mtls"
+
+    def __init__(self, config: IdentityConfig, cert_cache: CertCache | None = None) -> None:
+        self._require_cert = config.require_peer_certificate
+        self._certs = cert_cache if cert_cache is not None else CertCache(config.cert_cache_size)
+
+    def resolve(
+        self, request: Request, now: float, notes: list[str] | None = None
+    ) -> Identity | IdentityFailure | None:
+        principal = request.source_principal
+        cert = request.peer_certificate
+        if not principal and not cert:
+            return None
+        if len(principal) > MAX_PRINCIPAL_LENGTH:
+            return _fail(Reason.INVALID_IDENTITY, "peer principal is too long", IdentitySource.MTLS)
+        expires_at: float | None = None
+        if cert:
+            try:
+                facts = self._certs.facts(cert)
+                sid = check_svid(facts, principal, now)
+            except CertificateError as exc:
+                return _fail(Reason.INVALID_IDENTITY, str(exc), IdentitySource.MTLS)
+            expires_at = facts.not_after
+        else:
+            if self._require_cert:
+                return _fail(
+                    Reason.INVALID_IDENTITY,
+                    "peer certificate was not forwarded (include_peer_certificate)",
+                    IdentitySource.MTLS,
+                )
+            try:
+                sid = parse_spiffe_id(principal)
+            except SpiffeIdError as exc:
+                # Envoy falls back to a DNS SAN or the subject DN when the certificate has no
+                # URI SAN: such a principal is not a workload identity.
+                return _fail(
+                    Reason.INVALID_IDENTITY,
+                    f"peer principal is not a SPIFFE ID: {exc}",
+                    IdentitySource.MTLS,
+                )
+        return Identity(
+            principal=principal,
+            source=IdentitySource.MTLS,
+            trust_domain=sid.trust_domain,
+            expires_at=expires_at,
+        )
+
+
+class XfccSource:
+    """The client identity a trusted proxy forwarded in the rightmost XFCC element."""
+
+    name = "xfcc"
+
+    def __init__(self, config: IdentityConfig, mtls: MtlsSource) -> None:
+        self._config = config
+        self._mtls = mtls
+
+    def resolve(
+        self, request: Request, now: float, notes: list[str]
+    ) -> Identity | IdentityFailure | None:
+        cfg = self._config
+        value = request.headers.get(cfg.xfcc_header)
+        if value is None:
+            return None
+        peer = self._mtls.resolve(request, now)
+        if not isinstance(peer, Identity):
+            notes.append(f"{cfg.xfcc_header} ignored: the peer has no verified mTLS identity")
+            return None
+        if peer.principal not in cfg.trusted_proxies:
+            notes.append(f"{cfg.xfcc_header} ignored: the peer is not a trusted proxy")
+            return None
+        if peer.principal in cfg.revoked_principals:
+            return _fail(Reason.REVOKED, "the forwarding proxy is revoked", IdentitySource.XFCC)
+        try:
+            elements = parse_xfcc(
+                value, max_length=cfg.xfcc_max_bytes, max_elements=cfg.xfcc_max_elements
+            )
+        except XfccError as exc:
+            return _fail(Reason.INVALID_IDENTITY, f"malformed XFCC: {exc}", IdentitySource.XFCC)
+        uris = elements[-1].values("uri")
+        if len(uris) != 1:
+            return _fail(
+                Reason.INVALID_IDENTITY,
+                f"XFCC element must carry exactly one URI, has {len(uris)}",
+                IdentitySource.XFCC,
+            )
+        try:
+            sid = parse_spiffe_id(uris[0])
+        except SpiffeIdError as exc:
+            return _fail(
+                Reason.INVALID_IDENTITY, f"XFCC URI is not a SPIFFE ID: {exc}", IdentitySource.XFCC
+            )
+        return Identity(
+            principal=uris[0],
+            source=IdentitySource.XFCC,
+            trust_domain=sid.trust_domain,
+            # The forwarded statement is only as good as the proxy's own credential.
+            expires_at=peer.expires_at,
+            claims=MappingProxyType({"proxy": peer.principal}),
+        )
+
+
+class JwtSource:
+    name = "jwt"
+
+    def __init__(self, verifier: JwtVerifier) -> None:
+        self._verifier = verifier
+
+    @property
+    def header(self) -> str:
+        return self._verifier.header
+
+    def resolve(
+        self, request: Request, now: float, notes: list[str]
+    ) -> Identity | IdentityFailure | None:
+        try:
+            token = self._verifier.extract(request.headers)
+            if token is None:
+                return None
+            return self._verifier.verify(token, now)
+        except JwtError as exc:
+            return IdentityFailure(exc.reason, exc.detail, IdentitySource.JWT, exc.presented)
+
+
+# Entries of the per-resolver memo of certificate-less mTLS answers (see IdentityResolver).
+PRINCIPAL_MEMO_SIZE = 1024
+
+
+class IdentityResolver:
+    """Runs the sources in order. See the module docstring.
+
+    Hot path: a request with a principal, no peer certificate and none of the headers a
+    source reads (XFCC, the JWT header) is answered from the principal alone — the answer then
+    depends only on that string and on this resolver's fixed configuration (trust domains,
+    revocations, require_peer_certificate), never on time or other request fields. Such answers
+    are memoized in a small bounded dict (FIFO eviction). A new revocation list means a new
+    resolver, hence a new, empty memo. The memo is only used when every source is one of the
+    built-in ones, whose behaviour in that case is known.
+    """
+
+    def __init__(
+        self,
+        sources: Iterable[Source],
+        config: IdentityConfig | None = None,
+        key_caches: Iterable[JwksCache] = (),
+        *,
+        memo_size: int = PRINCIPAL_MEMO_SIZE,
+    ) -> None:
+        self._sources = tuple(sources)
+        self._config = config if config is not None else IdentityConfig()
+        self.key_caches = tuple(key_caches)
+        names = {s.name for s in self._sources}
+        self._xfcc_disabled = "xfcc" not in names
+        # Token headers: when one is present the answer depends on more than the peer.
+        self._xfcc_header = self._config.xfcc_header
+        self._jwt_headers = tuple(
+            {s.header for s in self._sources if isinstance(s, JwtSource)} - {self._xfcc_header}
+        )
+        self._trusted_proxies = self._config.trusted_proxies
+        builtin = all(isinstance(s, MtlsSource | XfccSource | JwtSource) for s in self._sources)
+        self._memo_size = memo_size if builtin else 0
+        # (principal, certificate, XFCC present) -> (answer, valid until or None).
+        self._memo: dict[
+            tuple[str, str, bool], tuple[Identity | IdentityFailure | None, float | None]
+        ] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: IdentityConfig,
+        *,
+        keys: Mapping[str, KeyProvider] | None = None,
+        memo_size: int = PRINCIPAL_MEMO_SIZE,
+    ) -> IdentityResolver:
+        """Build the sources. JWKS caches not injected via `keys` are created here, unloaded:
+        call `start()` to load them and run their refreshers (until then JWTs fail closed)."""
+        # Imported here: fetching keys is edge I/O (urllib, ssl), kept out of the pure core.
+        from extauthz.sources.jwks import (  # noqa: PLC0415
+            JwksCache,
+            discovery_fetcher,
+            file_fetcher,
+            https_fetcher,
+        )
+
+        providers: dict[str, KeyProvider] = dict(keys or {})
+        owned: list[JwksCache] = []
+        for issuer in config.jwt_issuers:
+            if issuer.issuer in providers:
+                continue
+            if issuer.jwks_file:
+                fetch = file_fetcher(issuer.jwks_file)
+            elif issuer.jwks_url:
+                fetch = https_fetcher(issuer.jwks_url, timeout=issuer.jwks_timeout)
+            elif issuer.oidc_discovery:
+                fetch = discovery_fetcher(issuer.issuer, timeout=issuer.jwks_timeout)
+            else:
+                raise ValueError(
+                    f"jwt issuer {issuer.issuer!r}: no jwks_file, jwks_url or oidc_discovery"
+                )
+            cache = JwksCache(
+                fetch,
+                name=issuer.issuer,
+                refresh_interval=issuer.jwks_refresh_interval,
+                cooldown=issuer.jwks_cooldown,
+                stale_ttl=issuer.jwks_max_stale,
+            )
+            providers[issuer.issuer] = cache
+            owned.append(cache)
+        mtls = MtlsSource(config)
+        available: dict[str, Source] = {"mtls": mtls, "xfcc": XfccSource(config, mtls)}
+        if config.jwt_issuers:
+            verifier = JwtVerifier(
+                issuers=config.jwt_issuers,
+                keys=providers,
+                header=config.jwt_header,
+                scheme=config.jwt_scheme,
+                max_token_bytes=config.jwt_max_token_bytes,
+                max_json_depth=config.jwt_max_json_depth,
+                cache_size=config.jwt_cache_size,
+                revoked_token_ids=config.revoked_token_ids,
+            )
+            available["jwt"] = JwtSource(verifier)
+        sources = [available[name] for name in config.order if name in available]
+        return cls(sources, config, owned, memo_size=memo_size)
+
+    def start(self) -> bool:
+        """Load every owned JWKS once (blocking, bounded by the fetch timeout), then start the
+        background refreshers. Returns whether every key set loaded."""
+        loaded = all([cache.refresh() for cache in self.key_caches])
+        for cache in self.key_caches:
+            cache.start()
+        return loaded
+
+    def stop(self) -> None:
+        for cache in self.key_caches:
+            cache.stop()
+
+    @property
+    def ready(self) -> bool:
+        return all(cache.ready for cache in self.key_caches)
+
+    def resolve(self, request: Request, now: float) -> Identity | IdentityFailure | None:
+        if self._memo_size:
+            headers = request.headers
+            for name in self._jwt_headers:
+                if name in headers:
+                    break
+            else:
+                xfcc = self._xfcc_header in headers
+                if not xfcc or request.source_principal not in self._trusted_proxies:
+                    return self._memoized(request, now, xfcc)
+        return self._resolve_fully(request, now)
+
+    def _resolve_fully(self, request: Request, now: float) -> Identity | IdentityFailure | None:
+        resolution = self.resolve_detailed(request, now)
+        result = resolution.result
+        if resolution.notes and isinstance(result, Identity):
+            claims = {**result.claims, NOTES_CLAIM: resolution.notes}
+            return replace(result, claims=MappingProxyType(claims))
+        return result
+
+    def _memoized(
+        self, request: Request, now: float, xfcc: bool
+    ) -> Identity | IdentityFailure | None:
+        """`resolve()` when no JWT is presented and any XFCC header cannot be honoured (the
+        peer is not a trusted proxy). The answer then depends only on the principal, the
+        certificate, whether an XFCC header is present (for the note) and on time only
+        through the certificate's validity, so it is memoized until the certificate's
+        notAfter. Only successes with a certificate are kept (failures may be time-based);
+        without a certificate every answer is time-invariant."""
+        key = (request.source_principal, request.peer_certificate, xfcc)
+        memo = self._memo
+        found = memo.get(key)
+        if found is not None:
+            answer, until = found
+            if until is None or now < until:
+                return answer
+        answer = self._resolve_fully(request, now)
+        if len(key[0]) > MAX_PRINCIPAL_LENGTH:
+            return answer
+        if key[1]:
+            if not isinstance(answer, Identity) or answer.expires_at is None:
+                return answer
+            entry: tuple[Identity | IdentityFailure | None, float | None] = (
+                answer,
+                answer.expires_at,
+            )
+        else:
+            entry = (answer, None)
+        if len(memo) >= self._memo_size:
+            try:
+                del memo[next(iter(memo))]
+            except (KeyError, RuntimeError, StopIteration):  # raced with another thread
+                memo.clear()
+        memo[key] = entry
+        return answer
+
+    def resolve_detailed(self, request: Request, now: float) -> Resolution:
+        notes: list[str] = []
+        result = self._run_sources(request, now, notes)
+        return Resolution(result, tuple(notes))
+
+    def _run_sources(
+        self, request: Request, now: float, notes: list[str]
+    ) -> Identity | IdentityFailure | None:
+        if self._xfcc_disabled and self._config.xfcc_header in request.headers:
+            notes.append(f"{self._config.xfcc_header} ignored: XFCC is not enabled")
+        for source in self._sources:
+            found = source.resolve(request, now, notes)
+            if found is not None:
+                return self._admit(found, request) if isinstance(found, Identity) else found
+        return None
+
+    def _admit(self, identity: Identity, request: Request) -> Identity | IdentityFailure:
+        cfg = self._config
+        if (
+            identity.source is IdentitySource.JWT
+            and cfg.revoked_principals
+            and request.source_principal in cfg.revoked_principals
+        ):
+            # A revoked workload is cut off whatever credential it forwards (as a revoked
+            # XFCC proxy is): a stolen or still-valid token does not keep it in.
+            return IdentityFailure(
+                Reason.REVOKED,
+                "the forwarding peer is revoked",
+                IdentitySource.JWT,
+                presented=request.source_principal,
+            )
+        if (
+            cfg.trust_domains
+            and identity.trust_domain
+            and identity.trust_domain not in cfg.trust_domains
+        ):
+            return IdentityFailure(
+                Reason.UNTRUSTED_TRUST_DOMAIN,
+                f"trust domain {identity.trust_domain!r} is not trusted",
+                identity.source,
+                presented=identity.principal,
+            )
+        if identity.principal in cfg.revoked_principals:
+            return IdentityFailure(
+                Reason.REVOKED, "principal is revoked", identity.source, identity.principal
+            )
+        return identity
+
+
+_TOKENISH = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
+
+
+def _quoted(text: str, limit: int = 200) -> str:
+    text = _TOKENISH.sub("[token]", text)
+    clean = "".join(ch if " " <= ch <= "~" and ch not in '"\\' else "?" for ch in text)
+    return clean[:limit]
+
+
+# Certificate failures get their own challenge scheme: RFC 6750's Bearer/invalid_token would
+# tell the caller to fix a token it never sent. No registered HTTP authentication scheme covers
+# TLS client certificates, so this is a private one (RFC 9110 §11.1 allows any token).
+CERTIFICATE_SCHEME = "mTLS"
+_CERTIFICATE_SOURCES = frozenset({IdentitySource.MTLS, IdentitySource.XFCC})
+
+
+def www_authenticate(failure: IdentityFailure | None, realm: str = "extauthz") -> str:
+    """The `www-authenticate` value for a 401. Never echoes a token.
+
+    No credential: a bare `Bearer realm="…"` (RFC 6750 §3.1: no error code). A bad token, or a
+    failure of unknown source: `Bearer realm="…", error="invalid_token", error_description="…"`.
+    A bad peer certificate or forwarded (XFCC) certificate:
+    `mTLS realm="…", error="invalid_certificate", error_description="…"`.
+    """
+    realm_value = f'realm="{_quoted(realm, 100)}"'
+    if failure is None or failure.reason is Reason.NO_IDENTITY:
+        return f"Bearer {realm_value}"  # no credential presented: no error code
+    description = f'error_description="{_quoted(failure.detail)}"'
+    if failure.source in _CERTIFICATE_SOURCES:
+        return f'{CERTIFICATE_SCHEME} {realm_value}, error="invalid_certificate", {description}'
+    return f'Bearer {realm_value}, error="invalid_token", {description}'

@@ -1,0 +1,2 @@
+"""Offline tools that reuse the core: explain, lint, policy tests, inventory, review,
+doctor."""
