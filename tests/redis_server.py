@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 INSTALL_HINT = (
@@ -53,7 +54,16 @@ class RedisServer:
     """One redis-server process. `start()` may be called again after `kill()` or `stop()`:
     it comes back on the same port (empty, as after a crash without persistence)."""
 
-    def __init__(self, binary: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        binary: str | None = None,
+        port: int | None = None,
+        extra: Sequence[str] = (),
+        config: str | None = None,
+    ) -> None:
+        """`extra`: more redis-server arguments (e.g. `--cluster-enabled yes`). `config`: a
+        config file's text, written to the server's own directory and passed first (a
+        Sentinel needs a writable config file)."""
         found = binary or find_redis_server()
         if found is None:
             raise FileNotFoundError(INSTALL_HINT)
@@ -63,6 +73,9 @@ class RedisServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="extauthz-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = Path(self._tmp.name) / "redis.log"
+        self.extra = tuple(extra)
+        self.config = config
+        self.dir = Path(self._tmp.name)
 
     @property
     def url(self) -> str:
@@ -77,8 +90,13 @@ class RedisServer:
     def start(self, wait: float = 10.0) -> RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
-        args = [
-            self.binary,
+        args = [self.binary]
+        if self.config is not None:
+            conf = self.dir / "redis.conf"
+            if not conf.exists():  # a Sentinel rewrites it: keep its state across restarts
+                conf.write_text(self.config)
+            args.append(str(conf))
+        args += [
             "--port",
             str(self.port),
             "--bind",
@@ -93,6 +111,7 @@ class RedisServer:
             "no",
             "--logfile",
             str(self._log),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -102,6 +121,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 log = self._log.read_text() if self._log.exists() else ""
+                self._close_pipes()
                 self.proc = None
                 raise RuntimeError(f"redis-server exited at start:\n{err}\n{log}")
             if ping(self.port):

@@ -144,7 +144,7 @@ def test_refill_uses_redis_time(redis_url: str) -> None:
 
 def test_concurrent_checks_allow_exactly_the_limit(redis_url: str) -> None:
     async def main() -> None:
-        rl = RedisLimiter.from_url(redis_url, timeout=2.0, max_connections=32)
+        rl = RedisLimiter.from_url(redis_url, timeout=2.0, overlimit_entries=0)
         limit = Limit(rate=1, period=HOUR, burst=50)
         try:
             results = await asyncio.gather(*(rl.hit("p", limit) for _ in range(300)))
@@ -152,6 +152,8 @@ def test_concurrent_checks_allow_exactly_the_limit(redis_url: str) -> None:
             await rl.aclose()
         assert not any(r.backend_error for r in results)
         assert sum(r.allowed for r in results) == 50
+        # Pipelined: 300 concurrent checks left in a few round trips, not 300.
+        assert rl.checks_sent == 300 and rl.round_trips <= 10, rl.round_trips
 
     run(main())
 
@@ -290,7 +292,7 @@ def test_sigstopped_redis_is_bounded_and_recovers(
 ) -> None:
     async def main() -> None:
         rl = RedisLimiter.from_url(
-            redis_proc.url, failure_mode=mode, breaker_threshold=3, breaker_cooldown=0.1
+            redis_proc.url, failure_mode=mode, breaker_min_calls=3, breaker_cooldown=0.1
         )
         limit = Limit(1, HOUR, 5)
         try:
@@ -318,7 +320,9 @@ def test_killed_redis_is_bounded_and_recovers_on_restart(
     redis_proc: RedisServer, mode: FailureMode
 ) -> None:
     async def main() -> None:
-        rl = RedisLimiter.from_url(redis_proc.url, failure_mode=mode, breaker_cooldown=0.1)
+        rl = RedisLimiter.from_url(
+            redis_proc.url, failure_mode=mode, breaker_min_calls=3, breaker_cooldown=0.1
+        )
         limit = Limit(1, HOUR, 5)
         try:
             # Warm the pool: several live connections that the kill will break.
@@ -347,7 +351,7 @@ def test_timed_out_calls_do_not_leak_tasks(redis_proc: RedisServer) -> None:
             assert all(r.backend_error for r in results)
         finally:
             await rl.aclose()
-        assert not rl._inflight
+        assert not rl._batches and not rl.pending
         assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
     run(main())
