@@ -379,7 +379,7 @@ def test_listener_that_never_answers_is_bounded_then_recovers_when_redis_takes_o
         try:
             for _ in range(3):  # waves of concurrent checks, as a busy replica sends them
                 out = await asyncio.gather(
-                    *(timed(lambda: rl.hit(f"k{i}", Limit(1, HOUR, 5))) for i in range(40))
+                    *(timed(lambda i=i: rl.hit(f"k{i}", Limit(1, HOUR, 5))) for i in range(40))
                 )
                 assert all(r.backend_error or r.degraded for r, _ in out)
                 latencies += [took for _, took in out]
@@ -420,7 +420,7 @@ def test_flood_against_hung_redis_is_capped_and_answered_at_once(
             redis_proc.pause()
             try:
                 out = await asyncio.gather(
-                    *(timed(lambda: rl.hit(f"k{i % 50}", limit)) for i in range(3000))
+                    *(timed(lambda i=i: rl.hit(f"k{i % 50}", limit)) for i in range(3000))
                 )
                 peak = rl.pending
             finally:

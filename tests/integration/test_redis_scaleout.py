@@ -162,7 +162,10 @@ def test_cluster_slot_migration_during_traffic_allows_nothing_extra_and_recovers
     out, (before, moved) = asyncio.run(main())
     assert moved == 2 and 0 < before < burst  # keys with budget spent really moved
     assert cluster.owner(slot) is target
-    assert out.allowed == burst  # tolerance 0: MIGRATE moves each key whole, TTL and all
+    failed = sum(1 for _, r, _ in out.results if r.backend_error)
+    # Tolerance 0: MIGRATE moves each key whole, TTL and all, so no allow comes from outside
+    # the budget. A check that failed (503 in mode closed) may still have spent budget.
+    assert burst - failed <= out.allowed <= burst, (out.allowed, failed)
     denied = [r for _, r, _ in out.results if not r.allowed and not r.backend_error]
     assert denied, "the budget never ran out after the migration"
     assert out.p99() < ENVOY_TIMEOUT
