@@ -17,9 +17,9 @@ Why it is built this way (docs/rate-limits.md has the measurements):
 * Every written key gets a PX TTL equal to the time until its TAT passes.
 * **Deadline** `timeout` per check, measured from the moment it is queued (default
   `DEFAULT_TIMEOUT`, sized from measured latency). A check never waits longer, whatever
-  Redis does; a pipeline still unanswered at the deadline is cancelled and its connection
-  dropped. A cancelled script may still run on Redis and consume budget (errs towards
-  denying).
+  Redis does (give or take the few event-loop turns of `EXPIRY_TURNS`); a pipeline still
+  unanswered a deadline later is cancelled and its connection dropped. A cancelled script
+  may still run on Redis and consume budget (errs towards denying).
 * **Failure modes** when Redis errs, times out, or the breaker is open: `closed` denies with
   `backend_error` (503), `open` allows with `backend_error`, `local` asks a per-process
   `LocalLimiter` (`degraded`).
@@ -205,9 +205,12 @@ def connect(target: RedisTarget | str, *, max_connections: int, socket_timeout: 
             "retry": Retry(NoBackoff(), 0),
         },
     )
-    return sentinel.master_for(
+    client = sentinel.master_for(
         target.service, db=target.db, max_connections=max_connections, **auth, **common
     )
+    # The Sentinels' own clients are not closed with the master's: the limiter closes them.
+    client.extauthz_sentinels = sentinel.sentinels
+    return client
 
 
 class RedisLimiter:
@@ -392,7 +395,10 @@ class RedisLimiter:
         self.round_trips += 1
         self.checks_sent += len(batch)
         try:
-            async with asyncio.timeout(self.timeout):
+            # The checks give up at their own deadline; the pipeline is cancelled (and its
+            # connection dropped) a deadline later, so a reply that is merely late is still
+            # read, and a silent Redis holds a connection for a bounded time.
+            async with asyncio.timeout(2 * self.timeout):
                 replies = await self._execute(batch)
         except asyncio.CancelledError:
             _fail(batch, DeadlineExceeded())
@@ -496,11 +502,25 @@ class RedisLimiter:
             pool = getattr(self._client, "connection_pool", None)
             if pool is not None:
                 await pool.disconnect()
+            for sentinel in getattr(self._client, "extauthz_sentinels", ()):
+                await sentinel.aclose()
 
 
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(DeadlineExceeded())
+# Loop turns a check waits past its deadline before it fails. A busy process runs the
+# deadline's timer in the same turn in which Redis's reply becomes readable, but reading and
+# parsing the reply takes the next turn or two: without these hops a reply that did arrive
+# in time would be thrown away. They cost nothing when Redis is really silent (the loop is
+# idle then and a turn takes microseconds).
+EXPIRY_TURNS = 3
+
+
+def _expire(future: asyncio.Future[Any], turns: int = EXPIRY_TURNS) -> None:
+    if future.done():
+        return
+    if turns > 0:
+        future.get_loop().call_soon(_expire, future, turns - 1)
+        return
+    future.set_exception(DeadlineExceeded())
 
 
 def _fail(batch: list[_Queued], exc: BaseException) -> None:
