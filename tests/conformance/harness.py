@@ -25,9 +25,10 @@ from cryptography.x509.oid import NameOID
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from jwt.algorithms import ECAlgorithm
 
+from extauthz.app import App, build_app
 from extauthz.settings import Settings
 from extauthz.transport.grpc_proto import REASON_HEADER
-from extauthz.transport.grpc_server import App, build_app
+from extauthz.transport.grpc_server import AuthorizationServicer, response_options
 from tests.conformance.envoy_model import url_encoded_pem, xfcc_element
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC).timestamp()
@@ -136,7 +137,7 @@ class GrpcTransport:
     name = "grpc"
 
     def __init__(self, app: App, loop: asyncio.AbstractEventLoop) -> None:
-        self._app = app
+        self._servicer = AuthorizationServicer(app, response_options(app.settings))
         self._loop = loop
 
     def check(self, call: Call) -> Answer:
@@ -148,7 +149,7 @@ class GrpcTransport:
         http.method, http.host, http.path = call.method, call.host, call.path
         for name, value in call.headers.items():
             http.headers[name] = value
-        response = self._loop.run_until_complete(self._app.servicer.Check(request, None))
+        response = self._loop.run_until_complete(self._servicer.Check(request, None))
         if response.HasField("ok_response"):
             sent = {h.header.key: h.header.value for h in response.ok_response.headers}
             return Answer(200, "allowed", principal=sent.get("x-extauthz-principal", ""))
