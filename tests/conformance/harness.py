@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from jwt.algorithms import ECAlgorithm
 
@@ -44,6 +44,9 @@ _CA_KEY = ec.generate_private_key(ec.SECP256R1())
 _LEAF_KEY = ec.generate_private_key(ec.SECP256R1())
 JWT_KEY = ec.generate_private_key(ec.SECP256R1())
 
+EKU_OIDS = {"serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
+            "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
+            "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING}
 KEY_USAGE_BITS = ("digital_signature", "content_commitment", "key_encipherment",
                   "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign")
 
@@ -62,32 +65,41 @@ def make_cert(
     ku: Sequence[str] | None = ("digital_signature",),
     ku_critical: bool = True,
     ca: bool | None = False,
+    eku: Sequence[str] | None = None,
     not_before: float = NOW - 3600,
     not_after: float = NOW + 3600,
     subject: x509.Name | None = None,
+    san_critical: bool = False,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
 ) -> x509.Certificate:
     """A leaf signed by a test CA (Envoy verified the chain before extauthz sees it)."""
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     names += [x509.DNSName(d) for d in dns]
     builder = (
         x509.CertificateBuilder()
-        .subject_name(subject or x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")])
+                      if subject is None else subject)
         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "conformance CA")]))
-        .public_key(_LEAF_KEY.public_key())
+        .public_key((key or _LEAF_KEY).public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
         .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
     )
     if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=san_critical)
     if ca is not None:
         builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
     if ku is not None:
         builder = builder.add_extension(key_usage(ku), critical=ku_critical)
+    if eku is not None:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([EKU_OIDS[name] for name in eku]), critical=False)
     return builder.sign(_CA_KEY, hashes.SHA256())
 
 
-PROXY_CERT = make_cert((PROXY,))
+# Valid for the whole century: vectors are checked at the time their certificates were valid.
+PROXY_CERT = make_cert((PROXY,), not_before=dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp(),
+                       not_after=dt.datetime(2099, 1, 1, tzinfo=dt.UTC).timestamp())
 
 
 def jwt_svid(sub: str, issuer: str, **claims: Any) -> str:
