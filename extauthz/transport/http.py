@@ -273,6 +273,8 @@ async def _resume(coro: Coroutine[Any, Any, CheckResult], yielded: Any) -> Check
             if yielded is None:
                 await asyncio.sleep(0)
             else:
+                # What a Task does with a future its coroutine yields: take it over.
+                yielded._asyncio_future_blocking = False
                 await yielded
         except asyncio.CancelledError:
             coro.close()
