@@ -183,41 +183,22 @@ class CertCache:
         return len(self._cache)
 
 
-_PEM_END_ENCODED = "-----END%20CERTIFICATE-----"
-
-
 def check_forwarded_certificate(
     certs: CertCache, element: TrustedElement, now: float
 ) -> float | None:
-    """Bind an XFCC element's `Cert=`/`Chain=`/`Hash=` to its `URI=`; return the forwarded
-    certificate's notAfter (None when only a hash was forwarded).
+    """The certificate an XFCC element forwards (`Cert=` or the leaf of `Chain=`, already
+    bound to `Hash=` by `xfcc.check_element`) must be an X509-SVID whose single URI SAN is the
+    element's `URI=`; return its notAfter (None when no certificate was forwarded).
 
-    Envoy writes `Hash=` as the lowercase hex SHA-256 of the peer leaf's DER, `Cert=` as that
-    leaf URL-encoded, and `Chain=` as the whole chain, leaf first. When they are present they
-    must all describe one certificate, and that certificate must be an X509-SVID whose single
-    URI SAN is the element's `URI=`: otherwise something between the client and us rewrote
-    part of the element (or a SAN injected it), and none of it can be trusted.
+    A certificate that disagrees with `URI=` means something between the client and us
+    rewrote part of the element (or a SAN injected it), and none of it can be trusted.
     """
-    cert = element.cert
-    if element.chain:
-        chain = element.chain
-        if cert:
-            if not chain.startswith(cert):
-                raise CertificateError("XFCC Chain= does not start with the Cert= certificate")
-        else:
-            end = chain.find(_PEM_END_ENCODED)
-            if end < 0:
-                raise CertificateError("XFCC Chain= holds no complete certificate")
-            end += len(_PEM_END_ENCODED)
-            cert = chain[: end + 3] if chain[end : end + 3].upper() == "%0A" else chain[:end]
-    if not cert:
+    if not element.cert:
         return None
     try:
-        facts = certs.facts(cert)
+        facts = certs.facts(element.cert)
     except CertificateError as exc:
         raise CertificateError(f"XFCC certificate: {exc}") from None
-    if element.hash and facts.sha256 != element.hash:
-        raise CertificateError("XFCC Hash= is not the SHA-256 of the forwarded certificate")
     try:
         check_svid(facts, element.uri, now)
     except CertificateError as exc:

@@ -56,7 +56,7 @@ def _jwk(name: str) -> dict[str, Any]:
     return jwk
 
 
-@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+@pytest.fixture(scope="module")
 def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Harness]:
     tmp: Path = tmp_path_factory.mktemp(f"jwt-{request.param}")
@@ -119,6 +119,7 @@ def test_every_jwt_svid_vector_is_decided_or_covered() -> None:
     assert len(HERE) >= 50
 
 
+@pytest.mark.parametrize("harness", sorted(TRANSPORTS), indirect=True)
 def test_jwt_svid_vectors_through_check(harness: Harness) -> None:
     wrong = []
     for v in HERE:

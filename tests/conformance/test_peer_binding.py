@@ -41,7 +41,10 @@ def call(peer: str, peer_cert: str, token: str) -> Call:
                 headers={"authorization": f"Bearer {token}"})
 
 
-@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+ALL = sorted(TRANSPORTS)
+
+
+@pytest.fixture(scope="module")
 def bound(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Harness]:
     yield from build_harness(tmp_path_factory.mktemp(f"bound-{request.param}"), request.param,
@@ -49,25 +52,28 @@ def bound(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                              issuer_options={"bind_to_peer": True})
 
 
-@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+@pytest.fixture(scope="module")
 def unbound(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Harness]:
     yield from build_harness(tmp_path_factory.mktemp(f"unbound-{request.param}"), request.param,
                              trust_domains=[TD], jwt_trust_domains=[TD])
 
 
+@pytest.mark.parametrize("unbound", ALL, indirect=True)
 def test_without_binding_a_token_is_accepted_from_any_peer(unbound: Harness) -> None:
     token = jwt_svid(WORKLOAD, issuer_for(TD))
     answer = unbound.check(call(OTHER, url_encoded_pem(OTHER_CERT), token))
     assert answer.allowed and answer.principal == WORKLOAD
 
 
+@pytest.mark.parametrize("bound", ALL, indirect=True)
 def test_bound_token_from_its_own_workload_is_allowed(bound: Harness) -> None:
     token = jwt_svid(WORKLOAD, issuer_for(TD))
     answer = bound.check(call(WORKLOAD, url_encoded_pem(WORKLOAD_CERT), token))
     assert answer.allowed and answer.principal == WORKLOAD
 
 
+@pytest.mark.parametrize("bound", ALL, indirect=True)
 def test_bound_token_replayed_by_another_peer_is_401(bound: Harness) -> None:
     token = jwt_svid(WORKLOAD, issuer_for(TD))
     assert bound.check(call(WORKLOAD, url_encoded_pem(WORKLOAD_CERT), token)).allowed
@@ -75,6 +81,7 @@ def test_bound_token_replayed_by_another_peer_is_401(bound: Harness) -> None:
     assert answer.status == 401 and "bound to the mTLS peer" in answer.challenge, answer
 
 
+@pytest.mark.parametrize("bound", ALL, indirect=True)
 def test_cnf_thumbprint_binds_a_token_to_a_hop_certificate(bound: Harness) -> None:
     cnf = {"x5t#S256": thumbprint(PROXY_CERT.public_bytes(Encoding.DER))}
     token = jwt_svid(WORKLOAD, issuer_for(TD), cnf=cnf)

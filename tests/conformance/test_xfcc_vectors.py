@@ -25,6 +25,7 @@ from tests.conformance.envoy_model import (
     xfcc_element,
 )
 from tests.conformance.harness import (
+    CHANNELS_OF,
     NOW,
     PROXY,
     PROXY_CERT,
@@ -94,7 +95,11 @@ def test_malformed_rfc2253_is_an_error_not_a_guess(text: str) -> None:
 # -- through Check, from a trusted proxy ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+ALL = sorted(TRANSPORTS)
+FORWARDING = [t for t in ALL if "xfcc" in CHANNELS_OF[t]]
+
+
+@pytest.fixture(scope="module")
 def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[Harness]:
     yield from build_harness(
@@ -110,6 +115,7 @@ def _from(proxy: str, header: str) -> Call:
                 path=TD_PATH)
 
 
+@pytest.mark.parametrize("harness", FORWARDING, indirect=True)
 def test_envoy_headers_from_their_proxy_give_exactly_the_recorded_identity(
         harness: Harness) -> None:
     sent = 0
@@ -126,6 +132,7 @@ def test_envoy_headers_from_their_proxy_give_exactly_the_recorded_identity(
     assert sent >= 4
 
 
+@pytest.mark.parametrize("harness", FORWARDING, indirect=True)
 def test_subjects_with_escapes_and_non_ascii_do_not_break_the_element(harness: Harness) -> None:
     for v in SUBJECTS:
         cert = make_cert((CLIENT,), subject=name_of(v["rdns"]),
@@ -136,6 +143,7 @@ def test_subjects_with_escapes_and_non_ascii_do_not_break_the_element(harness: H
         assert answer.allowed and answer.principal == CLIENT, (v["rfc2253"], answer)
 
 
+@pytest.mark.parametrize("harness", FORWARDING, indirect=True)
 def test_sans_with_separators_never_yield_an_identity(harness: Harness) -> None:
     for v in INJECTIONS:
         san = v["san"].replace("PROXY", PROXY)
@@ -149,6 +157,7 @@ def test_sans_with_separators_never_yield_an_identity(harness: Harness) -> None:
         assert answer.challenge.startswith("mTLS "), answer
 
 
+@pytest.mark.parametrize("harness", FORWARDING, indirect=True)
 def test_binding_mismatch_is_401_with_a_reason_that_says_which(harness: Harness) -> None:
     cert = make_cert((CLIENT,))
     cases = {
@@ -165,6 +174,7 @@ def test_binding_mismatch_is_401_with_a_reason_that_says_which(harness: Harness)
         assert answer.status == 401 and fragment in answer.challenge, (fragment, answer)
 
 
+@pytest.mark.parametrize("harness", FORWARDING, indirect=True)
 def test_repeated_by_within_one_element_is_accepted(harness: Harness) -> None:
     element = xfcc_element(by=["spiffe://td.test/ns/edge/sa/alias", PROXY],
                            cert=make_cert((CLIENT,)), include_cert=True)
@@ -172,15 +182,52 @@ def test_repeated_by_within_one_element_is_accepted(harness: Harness) -> None:
     assert answer.allowed and answer.principal == CLIENT
 
 
+@pytest.mark.parametrize("harness", ALL, indirect=True)
 def test_a_raw_fragment_is_403_ambiguous_path(harness: Harness) -> None:
-    element = xfcc_element(by=[PROXY], cert=make_cert((CLIENT,)))
-    for path in ("/td/x#/../../admin", "/any/x#", "/td/x?a=1#b"):
-        call = Call(principal=PROXY, certificate=url_encoded_pem(PROXY_CERT),
-                    headers={XFCC: element}, path=path)
-        answer = harness.check(call)
+    for path in ("/td/x#/../../admin", "/any/x#", "/td/x?a=1#b", "/api/v1/items#/../../admin"):
+        answer = harness.check(Call(principal=CLIENT, path=path))
         assert (answer.status, answer.reason) == (403, "ambiguous_path"), (path, answer)
-    assert harness.check(Call(principal=PROXY, certificate=url_encoded_pem(PROXY_CERT),
-                              headers={XFCC: element}, path="/td/x?a=1")).allowed
+    assert harness.check(Call(principal=CLIENT, path="/td/x?a=1")).allowed
+
+
+SIDECAR_PEER = [t for t in ALL if "xfcc" not in CHANNELS_OF[t]]
+
+
+def _sidecar(element: str) -> Call:
+    return Call(sidecar_xfcc=element, path=TD_PATH)
+
+
+@pytest.mark.parametrize("harness", SIDECAR_PEER, indirect=True)
+def test_a_sidecars_own_element_follows_the_same_rules(harness: Harness) -> None:
+    """Over HTTP the peer is the sidecar's SANITIZE_SET element: subjects with escapes parse,
+    SAN injections and unbound certificates are refused, exactly as from a trusted proxy."""
+    sidecar = "spiffe://svc.conformance.test/ns/svc/sa/sidecar"
+    for v in SUBJECTS:
+        cert = make_cert((CLIENT,), subject=name_of(v["rdns"]), san_critical=not v["rdns"])
+        element = xfcc_element(by=[sidecar], cert=cert, include_cert=True, subject=True)
+        answer = harness.check(_sidecar(element))
+        assert answer.allowed and answer.principal == CLIENT, (v["rfc2253"], answer)
+    for v in INJECTIONS:
+        san = v["san"].replace("PROXY", sidecar)
+        if v["where"] == "uri":
+            element = xfcc_element(by=[sidecar], digest="cd" * 32, uri_sans=[san])
+        else:
+            element = xfcc_element(by=[sidecar], digest="cd" * 32, uri_sans=[CLIENT], dns=True,
+                                   dns_sans=[san])
+        answer = harness.check(_sidecar(element))
+        assert answer.status == 401 and answer.reason == "invalid_identity", (v["why"], answer)
+    cert = make_cert((CLIENT,))
+    for fragment, element in {
+        "Hash= is not the SHA-256": xfcc_element(by=[sidecar], cert=cert, include_cert=True,
+                                                 digest="ab" * 32),
+        "differs from the reported principal": xfcc_element(by=[sidecar], cert=cert,
+                                                            include_cert=True,
+                                       uri_sans=["spiffe://td.test/ns/admin"]),
+        "elements": append_forward(xfcc_element(by=[PROXY], cert=cert),
+                                   xfcc_element(by=[sidecar], cert=make_cert((PROXY,)))),
+    }.items():
+        answer = harness.check(_sidecar(element))
+        assert answer.status == 401 and fragment in answer.challenge, (fragment, answer)
 
 
 # -- properties -------------------------------------------------------------------------------------
