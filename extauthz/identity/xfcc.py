@@ -210,6 +210,8 @@ def check_element(element: XfccElement) -> TrustedElement:
     uris = element.values("uri")
     if len(uris) != 1:
         raise XfccError(f"XFCC element must carry exactly one URI, has {len(uris)}")
+    if not uris[0]:  # Envoy writes `URI=` for a verified certificate without a URI SAN
+        raise XfccError("the certificate has no URI SAN: not a workload identity")
     try:
         sid = parse_workload_id(uris[0])
     except SpiffeIdError as exc:
