@@ -33,6 +33,19 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="append",
         help="HOST:PORT or unix:/path.sock; repeatable (default 127.0.0.1:9191)",
     )
+    p.add_argument(
+        "--http-listen",
+        metavar="ADDR",
+        action="append",
+        help="also (or only) serve Envoy's HTTP ext_authz protocol (http_service) on "
+        "HOST:PORT or unix:/path.sock; repeatable. Loopback, unix socket or mutual TLS only: "
+        "the caller's identity is read from the x-forwarded-client-cert header",
+    )
+    p.add_argument(
+        "--http-path-prefix",
+        metavar="PATH",
+        help="Envoy's http_service.path_prefix, removed before the path is authorized",
+    )
     p.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
     p.add_argument(
         "--grace-period",
@@ -165,12 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo",
         help="run a local mesh (Envoy + extauthz + upstream) and show real decisions",
         description="Start real Envoy, extauthz and a sample upstream with a fresh CA and "
         "SPIFFE SVIDs, send real mTLS requests, print who called what and the answer "
         "(allowed / 401 / 403 / 429), then stop everything it started.",
+    )
+    demo.add_argument(
+        "--transport",
+        choices=("http", "grpc"),
+        default="http",
+        help="how Envoy asks extauthz (default %(default)s, the recommended one)",
     )
     health = sub.add_parser(
         "health",
@@ -199,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from(args: argparse.Namespace) -> Settings:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")}
-    if flags.get("listen") is not None:
-        flags["listen"] = list(flags["listen"])
+    for name in ("listen", "http_listen"):
+        if flags.get(name) is not None:
+            flags[name] = list(flags[name])
     env = environ()
     config = args.config or (Path(env["EXTAUTHZ_CONFIG"]) if env.get("EXTAUTHZ_CONFIG") else None)
     return load_settings(flags, env, config)
@@ -253,6 +273,10 @@ def _transports(app: App) -> list[Transport]:
     transports: list[Transport] = []
     if app.settings.listen:
         transports.append(GrpcTransport(app))
+    if app.settings.http_listen:
+        from extauthz.transport.http import HttpTransport
+
+        transports.append(HttpTransport(app))
     return transports
 
 
@@ -305,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from extauthz.devstack.demo import run_demo
 
-        return run_demo()
+        return run_demo(transport=args.transport)
     run = getattr(args, "run", None)
     if run is not None:
         return int(run(args))

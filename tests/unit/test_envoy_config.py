@@ -247,6 +247,7 @@ def test_cli_defaults_mirror_the_builder() -> None:
     from extauthz.envoyconf import config as envoy_config
 
     assert cli_envoy.VARIANTS == envoy_config.VARIANTS
+    assert cli_envoy.TRANSPORTS == envoy_config.TRANSPORTS
     assert cli_envoy.DEFAULT_CERTS_DIR == envoy_config.DEFAULT_CERTS_DIR
     builder = SidecarConfig()
     for f in dataclasses.fields(cli_envoy.DEFAULTS):
@@ -377,9 +378,9 @@ def test_loopback_plaintext_authz_is_fine(target: str) -> None:
 )
 def test_loopback_agrees_with_the_doctor(host: str) -> None:
     from extauthz.envoyconf.config import is_loopback_host
-    from extauthz.tools import doctor
+    from extauthz.tools.doctor.envoy import is_loopback
 
-    assert is_loopback_host(host) == doctor._is_loopback(host)
+    assert is_loopback_host(host) == is_loopback(host)
 
 
 # -- the principal header --------------------------------------------------------------------
