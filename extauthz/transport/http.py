@@ -238,6 +238,8 @@ def peer_from_xfcc(value: str) -> Peer:
     uris = elements[0].values("uri")
     if len(uris) != 1:
         return Peer(problem=f"{XFCC_HEADER} carries {len(uris)} URIs; exactly one is required")
+    if not uris[0]:  # Envoy writes `URI=` for a verified certificate without a URI SAN
+        return Peer(problem="peer certificate has no URI SAN: not a workload identity")
     certs = elements[0].values("cert")
     if len(certs) > 1:
         return Peer(problem=f"{XFCC_HEADER} carries {len(certs)} certificates")

@@ -67,6 +67,7 @@ def test_no_xfcc_is_401_no_identity_never_an_allow(server) -> None:  # type: ign
     f"By={SIDECAR};URI={CHECKOUT},By={SIDECAR};URI={BILLING}",  # two elements (APPEND_FORWARD)
     f"By={SIDECAR};URI={CHECKOUT};URI={BILLING}",  # two URIs
     f"By={SIDECAR};Hash=ab",  # no URI
+    f"By={SIDECAR};Hash=ab;URI=",  # what Envoy writes for a certificate without a URI SAN
     f'By={SIDECAR};URI="{CHECKOUT}',  # unterminated quote
     f"By={SIDECAR};URI=https://not-spiffe.example/x",  # not a SPIFFE ID
 ])
