@@ -52,7 +52,7 @@ FORBIDDEN_PATH = "/v1/refunds/77"
 HEADERS = ["traceparent: " + make_request.TRACEPARENT, "accept: application/json"]
 # What the server sidecar sends extauthz's HTTP transport for the allowed request.
 DIRECT_HEADERS = [
-    f"host: {make_request.HOST}",
+    f"Host: {make_request.HOST}",  # wrk replaces its own Host only when spelled "Host"
     "content-length: 0",
     "x-forwarded-client-cert: By=spiffe://prod.example/ns/orders/sa/orders;Hash=3f2c9a7d;"
     f"URI={make_request.PRINCIPAL}",
