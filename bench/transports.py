@@ -54,8 +54,8 @@ HEADERS = ["traceparent: " + make_request.TRACEPARENT, "accept: application/json
 DIRECT_HEADERS = [
     f"Host: {make_request.HOST}",  # wrk replaces its own Host only when spelled "Host"
     "content-length: 0",
-    "x-forwarded-client-cert: By=spiffe://prod.example/ns/orders/sa/orders;Hash=3f2c9a7d;"
-    f"URI={make_request.PRINCIPAL}",
+    "x-forwarded-client-cert: By=spiffe://prod.example/ns/orders/sa/orders;"
+    f"Hash={'3f2c9a7d' * 8};URI={make_request.PRINCIPAL}",
     "traceparent: " + make_request.TRACEPARENT,
     "x-request-id: 5f0e2b1c-7a6d-4e8f-9c3b-2a1d0e9f8c7b",
 ]
