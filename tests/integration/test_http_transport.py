@@ -548,3 +548,21 @@ def test_one_process_serves_grpc_and_http_with_one_lifecycle(tmp_path: Path) -> 
         assert log.read_text().count('"event": "policy_loaded"') == 1
     finally:
         assert stop(proc) == 0, log.read_text()
+
+
+def test_http_listen_that_cannot_bind_exits_2_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .http_harness import POLICY
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "orders.yaml").write_text(POLICY)
+    sock = tmp_path / "no-such-dir" / "authz.sock"
+    proc = subprocess.run(
+        [sys.executable, "-m", "extauthz", "serve", "--policy", str(tmp_path / "policy"),
+         "--http-listen", f"unix:{sock}", "--decision-log", "none"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"http_listen: cannot bind unix:{sock}" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
