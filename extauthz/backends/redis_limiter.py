@@ -15,12 +15,13 @@ Why it is built this way (docs/rate-limits.md has the measurements):
   restart, SCRIPT FLUSH, a new cluster node) are sent again as EVAL, which re-caches it.
 * **Time comes from Redis** `TIME` inside the script, so replicas with skewed clocks agree.
 * Every written key gets a PX TTL equal to the time until its TAT passes.
-* **Deadline** per check, measured from the moment it is queued: the configured `timeout`
-  (default `DEFAULT_TIMEOUT`), stretched to twice the recent p99 of successful checks'
-  waits when the process is busy, up to `max_timeout` (`_adapt`). A check never waits
-  longer, whatever Redis does (give or take the few event-loop turns of `EXPIRY_TURNS`); a
-  pipeline still unanswered two ceilings later is cancelled and its connection dropped. A
-  cancelled script may still run on Redis and consume budget (errs towards denying).
+* **Deadline** per check, measured from the moment it is queued: twice the recent p99 of
+  successful checks' waits, between the configured `timeout` (default `DEFAULT_TIMEOUT`),
+  which is also the deadline until the first measurement, and `max_timeout` (`_adapt`).
+  A check never waits longer, whatever Redis does (give or take the few event-loop turns
+  of `EXPIRY_TURNS`); a pipeline still unanswered two ceilings later is cancelled and its
+  connection dropped. A cancelled script may still run on Redis and consume budget (errs
+  towards denying).
 * **Failure modes** when Redis errs, times out, or the breaker is open: `closed` denies with
   `backend_error` (503), `open` allows with `backend_error`, `local` asks a per-process
   `LocalLimiter` (`degraded`).
@@ -75,15 +76,16 @@ from extauthz.decide.ratelimit import (
 log = logging.getLogger("extauthz.ratelimit")
 
 DEFAULT_PREFIX = "extauthz:rl:"
-# Per-check deadline. Measured (docs/rate-limits.md, "Deadline"): bursts of 200 checks over
-# three serving processes on a busy 2-core machine wait up to ~40 ms for their answer while
-# Redis answers each pipeline in well under 1 ms: the time is the process's own event loop.
-# 100 ms is more than twice that and leaves Envoy's 250 ms ext_authz timeout room.
-DEFAULT_TIMEOUT = 0.100
+# Per-check deadline floor. Measured (docs/rate-limits.md, "Deadline"): bursts of 200
+# checks over three serving processes on a busy 2-core machine wait 56-88 ms (p99) for
+# their answer while Redis answers each pipeline in a few ms: the time is the process's own
+# event loop. 150 ms is about twice the worst p99 and keeps a failure-mode answer, with
+# scheduling noise, inside Envoy's 250 ms ext_authz timeout.
+DEFAULT_TIMEOUT = 0.150
 # The deadline grows with what checks measurably wait (twice the recent p99) up to this
 # ceiling, which keeps a failure-mode answer inside Envoy's 250 ms ext_authz timeout.
 DEFAULT_MAX_TIMEOUT = 0.200
-ADAPT_EVERY = 32  # successful checks between two re-computations of the deadline
+ADAPT_EVERY = 16  # successful checks between two re-computations of the deadline
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_PENDING = 4096
@@ -149,7 +151,7 @@ class DeadlineExceeded(Exception):
 class LatencyHistogram:
     """Cumulative histogram (for Prometheus) plus a ring of recent samples (for p50/p99)."""
 
-    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS, recent: int = 512) -> None:
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS, recent: int = 256) -> None:
         self.buckets = tuple(sorted(buckets))
         self.counts = [0] * (len(self.buckets) + 1)
         self.sum = 0.0
@@ -250,7 +252,10 @@ class RedisLimiter:
         self.prefix = prefix
         self.timeout = timeout  # the configured deadline: the floor
         self.max_timeout = max(timeout, max_timeout)
-        self.deadline = timeout  # in force: sized from measured latency (see _adapt)
+        # In force: sized from measured latency (see _adapt); the floor until measured, so
+        # that a Redis down at start-up costs the least. (The first burst's cold
+        # connections are opened by start().)
+        self.deadline = timeout
         self._since_adapt = 0
         self.failure_mode = FailureMode(failure_mode)
         if self.failure_mode is FailureMode.LOCAL and fallback is None:
@@ -499,10 +504,14 @@ class RedisLimiter:
         return unavailable_result(allowed=self.failure_mode is FailureMode.OPEN)
 
     async def start(self) -> None:
-        """Load the script (on every master of a cluster) and open a connection, so the
-        first checks do not pay for either. Raises when Redis is unreachable; checks are
-        covered by the failure mode either way."""
-        await self._client.script_load(GCRA_SCRIPT)
+        """Load the script (on every master of a cluster) and open the connections the
+        pipelines will use (`max_inflight` concurrent loads), so the first burst pays for
+        neither: connection set-up under a burst on a busy machine is what used to miss
+        deadlines. Raises when Redis is unreachable; checks are covered by the failure mode
+        either way."""
+        await asyncio.gather(
+            *(self._client.script_load(GCRA_SCRIPT) for _ in range(self.max_inflight))
+        )
 
     async def load_script(self) -> None:
         """Kept for callers of the first interface: the same as `start()`."""

@@ -351,7 +351,7 @@ def _redis_limiter_metrics(rl: Any) -> Iterator[Metric]:
     )
     recent = GaugeMetricFamily(
         "extauthz_ratelimit_check_recent_seconds",
-        "Quantiles of the last 512 checks' wait for Redis (compare with the deadline)",
+        "Quantiles of the last 256 checks' wait for Redis (compare with the deadline)",
         labels=["quantile"],
     )
     for q in (0.5, 0.99):

@@ -17,8 +17,8 @@ from extauthz.backends.redis_limiter import (
 
 def test_defaults_are_the_documented_ones() -> None:
     rl = RedisLimiter(None)
-    assert (rl.timeout, rl.deadline, rl.max_timeout) == (0.1, 0.1, 0.2)
-    assert (DEFAULT_TIMEOUT, DEFAULT_MAX_TIMEOUT) == (0.1, 0.2)
+    assert (rl.timeout, rl.deadline, rl.max_timeout) == (0.15, 0.15, 0.2)
+    assert (DEFAULT_TIMEOUT, DEFAULT_MAX_TIMEOUT) == (0.15, 0.2)
 
 
 @pytest.mark.parametrize("kw", [{"timeout": 0}, {"max_inflight": 0}, {"max_batch": 0},
