@@ -69,6 +69,7 @@ class Variant:
     transport: str = "grpc"
     authz: str = ""  # "" | grpc-floor | http-floor | extauthz
     config: tuple[tuple[str, Any], ...] = ()
+    streams: int = 0  # gRPC: the authz cluster's max_concurrent_streams (0: Envoy's default)
 
 
 DEFAULTS: tuple[tuple[str, Any], ...] = (("tracing", True), ("decision_log", "stdout"))
@@ -89,6 +90,8 @@ VARIANTS = (
             "extauthz", "http", "extauthz", BARE),
     Variant("grpc-extauthz-bare", "ext_authz gRPC → extauthz, --decision-log none",
             "extauthz", "grpc", "extauthz", BARE),
+    Variant("grpc-extauthz-bare-streams1", "ext_authz gRPC (max_concurrent_streams 1) → "
+            "extauthz, --decision-log none", "extauthz", "grpc", "extauthz", BARE, streams=1),
 )
 
 
@@ -236,7 +239,7 @@ def _loaded_and_unloaded(run: Run, variant: Variant) -> None:
             authz, target = run.authorizers.start(f"t-{variant.key}", variant.authz,
                                                   variant.transport, config=variant.config)
             started.append(authz)
-        mesh, client_port = run.mesh(variant, target)
+        mesh, client_port = run.mesh(variant, target, streams=variant.streams)
         started += mesh
         server_envoy = mesh[0]
         url = f"http://127.0.0.1:{client_port}{ALLOWED_PATH}"
