@@ -43,6 +43,7 @@ from extauthz.transport.grpc_proto import (
     to_response,
 )
 from extauthz.transport.tls import ClientIdentityInterceptor, TlsConfig
+from extauthz.transport.workers import reuse_port
 
 log = logging.getLogger("extauthz.server")
 
@@ -51,6 +52,10 @@ RESPONSE_MEMO_SIZE = 4096
 _INTERNAL_ERROR = Decision(
     Outcome.UNAVAILABLE, Reason.INTERNAL_ERROR, "extauthz could not decide; failing closed"
 )
+
+
+class BindError(RuntimeError):
+    """A listen address the host refused (a runtime failure: exit 1, not 2)."""
 
 
 class CheckObserver(Protocol):
@@ -291,14 +296,19 @@ def _bind(server: grpc.aio.Server, settings: Settings, tls: TlsConfig | None = N
             previous = os.umask(0o777 & ~settings.socket_mode)
             try:
                 server.add_insecure_port(addr)
+            except RuntimeError:  # gRPC says only "Failed to bind"; the CLI checked why
+                raise BindError(f"listen: cannot bind {addr}") from None
             finally:
                 os.umask(previous)
             bound.append(addr)
         else:
-            if tls is not None:  # mutual TLS on TCP; unix sockets rely on their file mode
-                port = server.add_secure_port(addr, tls.server_credentials())
-            else:
-                port = server.add_insecure_port(addr)
+            try:
+                if tls is not None:  # mutual TLS on TCP; unix sockets rely on their file mode
+                    port = server.add_secure_port(addr, tls.server_credentials())
+                else:
+                    port = server.add_insecure_port(addr)
+            except RuntimeError:
+                raise BindError(f"listen: cannot bind {addr}") from None
             if port == 0:
                 raise SettingsError(f"listen: cannot bind {addr}")
             bound.append(f"{host}:{port}")
@@ -327,7 +337,9 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
     tls = TlsConfig.from_settings(settings)
     server = grpc.aio.server(
         interceptors=[ClientIdentityInterceptor(tls)] if tls is not None else None,
-        options=[("grpc.so_reuseport", 1)],
+        # gRPC's default is SO_REUSEPORT on, which would let a second instance share the
+        # port silently; only a supervisor's own workers share it (issue 19).
+        options=[("grpc.so_reuseport", 1 if reuse_port() else 0)],
     )
     ea_grpc.add_AuthorizationServicer_to_server(app.servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
