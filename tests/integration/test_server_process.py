@@ -138,8 +138,8 @@ def test_settings_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cache_size: 1\ncache_ttl: 5\nlog_level: warning\n")
     env = {**os.environ, "EXTAUTHZ_CACHE_TTL": "7", "EXTAUTHZ_LOG_LEVEL": "error"}
-    out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--config", str(cfg), "--policy", "p",
-                          "--log-level", "debug", "--print-config"], env=env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--config", str(cfg),
+                          "--policy", str(REPO / "policy"), "--log-level", "debug", "--print-config"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     import json
 
