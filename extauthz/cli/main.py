@@ -8,9 +8,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extauthz import __version__
 from extauthz.settings import Settings, SettingsError, environ, load_settings
+
+if TYPE_CHECKING:
+    from extauthz.app import App, Transport
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,6 +32,19 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="ADDR",
         action="append",
         help="HOST:PORT or unix:/path.sock; repeatable (default 127.0.0.1:9191)",
+    )
+    p.add_argument(
+        "--http-listen",
+        metavar="ADDR",
+        action="append",
+        help="also (or only) serve Envoy's HTTP ext_authz protocol (http_service) on "
+        "HOST:PORT or unix:/path.sock; repeatable. Loopback, unix socket or mutual TLS only: "
+        "the caller's identity is read from the x-forwarded-client-cert header",
+    )
+    p.add_argument(
+        "--http-path-prefix",
+        metavar="PATH",
+        help="Envoy's http_service.path_prefix, removed before the path is authorized",
     )
     p.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
     p.add_argument(
@@ -190,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from(args: argparse.Namespace) -> Settings:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")}
-    if flags.get("listen") is not None:
-        flags["listen"] = list(flags["listen"])
+    for name in ("listen", "http_listen"):
+        if flags.get(name) is not None:
+            flags[name] = list(flags[name])
     env = environ()
     config = args.config or (Path(env["EXTAUTHZ_CONFIG"]) if env.get("EXTAUTHZ_CONFIG") else None)
     return load_settings(flags, env, config)
@@ -200,7 +218,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from extauthz.cli import logs
     from extauthz.cli.startup import StartupError, check_listeners, check_settings, instance_lock
-    from extauthz.transport.workers import reuse_port
+    from extauthz.transport.listeners import BindError, reuse_port
 
     try:
         settings = _settings_from(args)
@@ -225,25 +243,37 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"extauthz serve: {exc}", file=sys.stderr)
         return 2
-    except StartupError as exc:
+    except (StartupError, BindError) as exc:
         print(f"extauthz serve: {exc}", file=sys.stderr)
         return 1
 
 
 def _serve_one(settings: Settings) -> int:
-    from extauthz.cli.startup import StartupError
+    from extauthz.app import build_app, serve
     from extauthz.observe.wiring import build_observers
-    from extauthz.transport.grpc_server import BindError, build_app, serve
 
     obs = build_observers(settings)
     try:
         app = build_app(settings, observers=obs.observers)
         obs.attach(app)
-        return _run(serve(app))
-    except BindError as exc:
-        raise StartupError(str(exc)) from None
+        return _run(serve(app, _transports(app)))
     finally:
         obs.close()
+
+
+def _transports(app: App) -> list[Transport]:
+    """One transport per kind of listener configured (gRPC `--listen`, HTTP `--http-listen`),
+    all deciding with the same app."""
+    from extauthz.transport.grpc_server import GrpcTransport
+
+    transports: list[Transport] = []
+    if app.settings.listen:
+        transports.append(GrpcTransport(app))
+    if app.settings.http_listen:
+        from extauthz.transport.http import HttpTransport
+
+        transports.append(HttpTransport(app))
+    return transports
 
 
 def _health(args: argparse.Namespace) -> int:

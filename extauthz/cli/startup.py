@@ -35,7 +35,7 @@ def check_settings(settings: Settings) -> None:
     from extauthz.policy.document import PolicyError
     from extauthz.sources.policy_store import PolicyLoadError, load_policy
     from extauthz.sources.revocation import RevocationError, load_revocations
-    from extauthz.transport.grpc_server import identity_config_from
+    from extauthz.app import identity_config_from
     from extauthz.transport.tls import TlsConfig
     from extauthz.transport.workers import check_workers
 
@@ -75,29 +75,30 @@ def check_listeners(settings: Settings) -> None:
     """Bind (and release) every listen address as the server will, raising StartupError
     with the operating system's reason. A `--workers` supervisor runs it before it starts
     any worker (its workers then share the port only with each other)."""
-    for addr in settings.listen:
-        host, where = parse_listen_address(addr)
-        if host == "unix":
-            _check_unix(addr, Path(str(where)))
-        else:
-            _check_tcp(addr, host, int(where))
+    for name, addresses in (("listen", settings.listen), ("http_listen", settings.http_listen)):
+        for addr in addresses:
+            host, where = parse_listen_address(addr)
+            if host == "unix":
+                _check_unix(name, addr, Path(str(where)))
+            else:
+                _check_tcp(name, addr, host, int(where))
 
 
-def _check_unix(addr: str, path: Path) -> None:
+def _check_unix(name: str, addr: str, path: Path) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise StartupError(
-            f"listen: cannot bind {addr}: folder {folder} does not exist (create it first, "
+            f"{name}: cannot bind {addr}: folder {folder} does not exist (create it first, "
             "e.g. systemd RuntimeDirectory=, or a Kubernetes emptyDir volume)"
         )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise StartupError(f"listen: cannot bind {addr}: folder {folder} is not writable")
+        raise StartupError(f"{name}: cannot bind {addr}: folder {folder} is not writable")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise StartupError(f"listen: cannot bind {addr}: {path} exists and is not a socket")
+        raise StartupError(f"{name}: cannot bind {addr}: {path} exists and is not a socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
@@ -105,12 +106,12 @@ def _check_unix(addr: str, path: Path) -> None:
         except OSError:
             return  # a stale socket from a previous run: the server replaces it
     raise StartupError(
-        f"listen: cannot bind {addr}: another server is listening on it (stop it, or choose "
+        f"{name}: cannot bind {addr}: another server is listening on it (stop it, or choose "
         "another path)"
     )
 
 
-def _check_tcp(addr: str, host: str, port: int) -> None:
+def _check_tcp(name: str, addr: str, host: str, port: int) -> None:
     if port == 0:
         return
     try:
@@ -118,7 +119,7 @@ def _check_tcp(addr: str, host: str, port: int) -> None:
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
-        raise StartupError(f"listen: cannot bind {addr}: {exc.strerror}") from None
+        raise StartupError(f"{name}: cannot bind {addr}: {exc.strerror}") from None
     for family, kind, proto, _name, sockaddr in infos:
         with socket.socket(family, kind, proto) as probe:
             # As gRPC binds: SO_REUSEADDR (a port in TIME_WAIT is free) but never
@@ -129,7 +130,7 @@ def _check_tcp(addr: str, host: str, port: int) -> None:
                 probe.bind(sockaddr)
                 probe.listen(1)
             except OSError as exc:
-                raise StartupError(f"listen: cannot bind {addr}: {_why(exc)}") from None
+                raise StartupError(f"{name}: cannot bind {addr}: {_why(exc)}") from None
 
 
 def _why(exc: OSError) -> str:
@@ -152,7 +153,7 @@ def instance_lock(settings: Settings) -> Iterator[None]:
     released by the kernel when the supervisor dies, however it dies."""
     held: list[socket.socket] = []
     try:
-        for addr in settings.listen:
+        for addr in (*settings.listen, *settings.http_listen):
             host, port = parse_listen_address(addr)
             if host == "unix":
                 continue
@@ -162,7 +163,7 @@ def instance_lock(settings: Settings) -> Iterator[None]:
             except OSError:
                 lock.close()
                 raise StartupError(
-                    f"listen: cannot bind {addr}: another extauthz --workers instance is "
+                    f"{name}: cannot bind {addr}: another extauthz --workers instance is "
                     f"starting or serving on port {port}"
                 ) from None
             held.append(lock)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.transport.listeners import SUPERVISOR_ENV
 
 log = logging.getLogger("extauthz.workers")
 
@@ -29,7 +30,7 @@ log = logging.getLogger("extauthz.workers")
 def check_workers(settings: Settings) -> None:
     if settings.workers <= 1:
         return
-    for addr in settings.listen:
+    for addr in (*settings.listen, *settings.http_listen):
         host, port = parse_listen_address(addr)
         if host == "unix":
             raise SettingsError(
@@ -45,19 +46,9 @@ def _metrics_address(settings: Settings, index: int) -> str:
     return f"{host}:{int(port) + index}"
 
 
-# Set by the supervisor in each worker's environment: "<supervisor pid>". A worker shares its
-# port (SO_REUSEPORT) only when its parent is that supervisor, so an `extauthz serve` started
-# by hand never joins another instance's port, whatever its environment says.
-SUPERVISOR_ENV = "EXTAUTHZ_SUPERVISOR_PID"
 # A worker stopped by the signal the supervisor forwarded, in any phase of its start-up:
 # Python's default action (-15) before the server installs its handler, 0 after it drained.
 _DRAINED = frozenset({0, -signal.SIGTERM})
-
-
-def reuse_port() -> bool:
-    """Whether this process may bind with SO_REUSEPORT: only as a supervisor's worker."""
-    owner = os.environ.get(SUPERVISOR_ENV, "")
-    return owner.isdigit() and int(owner) == os.getppid()
 
 
 def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
