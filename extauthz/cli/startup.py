@@ -32,10 +32,10 @@ class StartupError(RuntimeError):
 
 def check_settings(settings: Settings) -> None:
     """Everything `serve` refuses before it binds anything, as SettingsError (exit 2)."""
+    from extauthz.app import identity_config_from
     from extauthz.policy.document import PolicyError
     from extauthz.sources.policy_store import PolicyLoadError, load_policy
     from extauthz.sources.revocation import RevocationError, load_revocations
-    from extauthz.app import identity_config_from
     from extauthz.transport.tls import TlsConfig
     from extauthz.transport.workers import check_workers
 
@@ -163,7 +163,7 @@ def instance_lock(settings: Settings) -> Iterator[None]:
             except OSError:
                 lock.close()
                 raise StartupError(
-                    f"{name}: cannot bind {addr}: another extauthz --workers instance is "
+                    f"listen: cannot bind {addr}: another extauthz --workers instance is "
                     f"starting or serving on port {port}"
                 ) from None
             held.append(lock)
