@@ -225,3 +225,14 @@ def test_workers_sigterm_in_any_phase_of_start_up_is_a_clean_exit(policy_dir: Pa
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, (delay, err)
         assert "Traceback" not in err, (delay, err)
+
+
+def test_an_http_listen_port_in_use_is_one_line_exit_1(policy_dir: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        addr = f"127.0.0.1:{other.getsockname()[1]}"
+        out = extauthz("serve", "--policy", str(policy_dir), "--http-listen", addr)
+    assert out.returncode == 1
+    line = one_line(out)
+    assert line.startswith(f"extauthz serve: http_listen: cannot bind {addr}: address already in use")
