@@ -337,7 +337,7 @@ def _demo(transport: str) -> int:
             file=sys.stderr,
         )
         return 2
-    return run_demo(transport=transport)
+    return run_demo(transport="grpc" if transport == "grpc" else "http")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
