@@ -58,7 +58,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--watch-interval",
         type=float,
         metavar="SECONDS",
-        help="poll the policy directory for changes; 0 = only on SIGHUP (default 2)",
+        help="besides file notifications, poll the policy and revocation files every SECONDS; "
+        "0 = only on SIGHUP (default 2)",
     )
     p.add_argument(
         "--cache-size",
