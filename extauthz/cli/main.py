@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -349,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(parser, args, raw)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet
+        return 141
     except Exception as exc:  # the last line of defence: one line, never a traceback
         command = f"extauthz {args.command}" if args.command else "extauthz"
         print(f"{command}: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
