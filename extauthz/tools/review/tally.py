@@ -115,30 +115,54 @@ class Tally:
         return self
 
     def feed(self, rec: Mapping[str, Any]) -> None:
-        cfg = self.config
-        counts = self.counts
+        """One record: who it was about (identity hygiene, refusals, denials, limits), then
+        which grant it exercised, judged by the policy version that decided it."""
+        admitted = self._admit(rec)
+        if admitted is None:
+            return
+        t, reason = admitted
+        host = self._host(rec)
+        principal = rec.get("principal")
+        if not isinstance(principal, str) or not principal:
+            principal = None
+        self._caller(t, rec, reason, host, principal)
+        known = self._version(rec, reason)
+        if known is None or principal is None:
+            return
+        rule = rec.get("rule")
+        if reason in EXERCISE or (reason == Reason.INTERNAL_ERROR.value and rule):
+            self._exercise(t, rec, known, rule)
+        elif reason == Reason.DRY_RUN.value:
+            self._dry_run(t, rec, known, rule, principal)
+
+    def _admit(self, rec: Mapping[str, Any]) -> tuple[str, str] | None:
+        """(time, reason) of a well-formed record inside the window; None otherwise."""
+        cfg, counts = self.config, self.counts
         counts["records"] += 1
         t = rec.get("time")
         reason = rec.get("reason")
         if not isinstance(t, str) or not isinstance(reason, str):
             counts["invalid"] += 1
-            return
+            return None
         if (cfg.window_start and t < cfg.window_start) or (cfg.window_end and t >= cfg.window_end):
             counts["outside_window"] += 1
-            return
+            return None
         counts["in_window"] += 1
         self.window.add(t)
+        return t, reason
+
+    def _host(self, rec: Mapping[str, Any]) -> str | None:
         host = rec.get("host") if isinstance(rec.get("host"), str) else None
         if host is not None and host not in self.hosts:
-            if len(self.hosts) < cfg.max_principals:
+            if len(self.hosts) < self.config.max_principals:
                 self.hosts.add(host)
             else:
-                counts["hosts_overflow"] += 1
-        principal = rec.get("principal")
-        if not isinstance(principal, str) or not principal:
-            principal = None
-        status = rec.get("status")
-        if status == 401:
+                self.counts["hosts_overflow"] += 1
+        return host
+
+    def _caller(self, t: str, rec: Mapping[str, Any], reason: str, host: str | None,
+                principal: str | None) -> None:
+        if rec.get("status") == 401:
             # Since decision-log 1.1, a revoked or foreign identity that was presented (and
             # refused) is logged as `presented_principal`.
             presented = rec.get("presented_principal")
@@ -147,10 +171,15 @@ class Tally:
             self._unauthenticated(t, host or "-", reason, presented)
         elif principal is not None:
             self._hygiene(t, rec, principal)
-        if reason == Reason.RATE_LIMITED.value and principal is not None:
+        if principal is None:
+            return
+        if reason == Reason.RATE_LIMITED.value:
             self._rate_limited(t, principal, rec.get("rule"))
-        if reason in DENIALS and principal is not None:
+        if reason in DENIALS:
             self._denied(t, rec, principal, host, reason)
+
+    def _version(self, rec: Mapping[str, Any], reason: str) -> Version | None:
+        """The supplied policy version that decided the record; unknown ones are counted."""
         version = rec.get("policy_version")
         known = self.versions.get(version) if isinstance(version, str) else None
         if known is None:
@@ -159,16 +188,10 @@ class Tally:
                 if key in self.unknown_versions or len(self.unknown_versions) < 1000:
                     self.unknown_versions[key] += 1
                 else:
-                    counts["unknown_versions_overflow"] += 1
-            return
+                    self.counts["unknown_versions_overflow"] += 1
+            return None
         self.by_version[known.policy.version] += 1
-        if principal is None:
-            return
-        rule = rec.get("rule")
-        if reason in EXERCISE or (reason == Reason.INTERNAL_ERROR.value and rule):
-            self._exercise(t, rec, known, rule)
-        elif reason == Reason.DRY_RUN.value:
-            self._dry_run(t, rec, known, rule, principal)
+        return known
 
     def _use(self, t: str, rec: Mapping[str, Any], r: IndexedRule,
              entries: tuple[Entry, ...]) -> None:
