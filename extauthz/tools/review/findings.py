@@ -207,11 +207,17 @@ def hygiene_findings(t: Tally, changes: dict[str, RuleChange]) -> list[Finding]:
                 f"{principal} is on the revocation list but was allowed {allowed.count} "
                 f"times (last {allowed.last}); was that before it was revoked?",
                 allowed.as_dict()))
+        refused = t.revoked_refused.get(principal)
+        n_refused = refused.count if refused is not None else 0
+        n_allowed = allowed.count if allowed is not None else 0
+        split = {"refused": n_refused, "allowed": n_allowed,
+                 "denied": seen.count - n_refused - n_allowed}
         what = (f"{seen.count} requests presented revoked credentials (a pre-1.1 log does "
                 "not record whose)" if principal == UNRECORDED else
-                f"revoked identity {principal} still made {seen.count} requests")
+                f"revoked identity {principal} still made {seen.count} requests ("
+                + ", ".join(f"{n} {k}" for k, n in split.items() if n) + ")")
         out.append(Finding("high", "revoked_still_trying", principal,
-                           f"{what} (last {seen.last})", seen.as_dict()))
+                           f"{what} (last {seen.last})", {**seen.as_dict(), **split}))
     for principal in sorted(cfg.revoked_principals):
         grants = []
         for name, r in sorted(t.current.rules.items()):

@@ -99,6 +99,7 @@ class Tally:
         self.limited_rules: dict[str, Counter[str]] = {}
         self.revoked: dict[str, Seen] = {}
         self.revoked_allowed: dict[str, Seen] = {}
+        self.revoked_refused: dict[str, Seen] = {}  # 401 revoked: refused before any rule
         self.untrusted = Seen()
         self.untrusted_by: dict[str, Seen] = {}
         self.foreign: dict[str, Seen] = {}
@@ -272,6 +273,7 @@ class Tally:
         self.counts["unauthenticated"] += 1
         if reason == Reason.REVOKED.value:
             self._bounded(self.revoked, principal or UNRECORDED, t)
+            self._bounded(self.revoked_refused, principal or UNRECORDED, t)
         elif reason == Reason.UNTRUSTED_TRUST_DOMAIN.value:
             self.untrusted.add(t)
             if principal is not None:
