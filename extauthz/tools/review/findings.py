@@ -55,6 +55,36 @@ def grant_findings(t: Tally, changes: dict[str, RuleChange]) -> list[Finding]:
             found = narrowing(t, r, names, changes)
             if found is not None:
                 out.append(found)
+            out += caller_narrowing(t, r)
+    return out
+
+
+def caller_narrowing(t: Tally, r: IndexedRule) -> list[Finding]:
+    """Per caller: an allow entry that used fewer methods than the rule grants it, where the
+    rule as a whole used more (otherwise the rule's own narrowing says it). Reported, not
+    patched: giving one caller a rule of its own is a design choice for the owner."""
+    rule = r.rule
+    granted = set(rule.decl.methods) or set(METHODS)
+    per_entry = {e: m for e, _ in r.entries
+                 if (m := t.grant_methods.get((rule.name, r.sig, e)))}
+    used_by = {e: set(m) for e, m in per_entry.items()}
+    if any("?" in m for m in used_by.values()):
+        return []
+    everyone = set().union(*used_by.values()) if used_by else set()
+    out = []
+    for e, methods in used_by.items():
+        if not methods < granted or methods == everyone:
+            continue
+        calls = sum(per_entry[e].values())
+        out.append(Finding(
+            "low", "narrower_use_by_caller", f"{e.text} -> {rule.name}",
+            f"{e.text} may call {'/'.join(ordered(granted))} via rule {rule.name} "
+            f"({describe_route(rule)}) but used only {'/'.join(ordered(methods))} in "
+            f"{calls} calls (the rule's other callers used "
+            f"{'/'.join(ordered(everyone - methods)) or 'the same'}): suggest a rule of its "
+            f"own with methods: [{', '.join(ordered(methods))}]",
+            {"rule": rule.name, "file": rule.source, "entry": e.text,
+             "granted": ordered(granted), "used": ordered(methods), "calls": calls}))
     return out
 
 
@@ -70,15 +100,16 @@ def narrowing(t: Tally, r: IndexedRule, names: set[str],
     use = t.rule_use.get((rule.name, r.sig))
     if use is None or "?" in use.methods:
         return None
+    shapes = use.merged_shapes(d.path)
     granted = set(d.methods) or set(METHODS)
     used_methods = set(use.methods)
     narrower_methods = used_methods < granted
     splits: tuple[Split, ...] = ()
     can_split = (d.path.kind in ("prefix", "template_prefix") and not d.deny and
                  d.limit is None and not use.unshaped and not use.overflow and
-                 0 < len(use.shapes) <= t.config.max_split)
+                 0 < len(shapes) <= t.config.max_split)
     if can_split:
-        order = sorted(use.shapes.items(), key=lambda kv: (-sum(kv[1].methods.values()), kv[0]))
+        order = sorted(shapes.items(), key=lambda kv: (-sum(kv[1].methods.values()), kv[0]))
         out = []
         for i, (shape, slot) in enumerate(order):
             nm = rule.name if i == 0 else _fresh_name(rule.name, i + 1, names)
@@ -91,7 +122,7 @@ def narrowing(t: Tally, r: IndexedRule, names: set[str],
     calls = sum(use.methods.values())
     used_desc = ", ".join(
         f"{'/'.join(ordered(s.methods))} {shape} ({sum(s.methods.values())})"
-        for shape, s in sorted(use.shapes.items())
+        for shape, s in sorted(shapes.items())
     ) or ", ".join(ordered(used_methods))
     change = changes.setdefault(rule.name, RuleChange(rule.name, rule.source))
     if splits:
@@ -108,7 +139,7 @@ def narrowing(t: Tally, r: IndexedRule, names: set[str],
         {"rule": rule.name, "file": rule.source, "granted": describe_route(rule),
          "calls": calls, "used_methods": ordered(used_methods),
          "used_shapes": {s: dict(sorted(v.methods.items()))
-                         for s, v in sorted(use.shapes.items())},
+                         for s, v in sorted(shapes.items())},
          "suggestion": suggestion})
 
 

@@ -15,7 +15,7 @@ from typing import Any, Self
 
 from extauthz.model import IdentitySource, Reason
 from extauthz.policy.compiled import CompiledPolicy
-from extauthz.policy.document import METHODS
+from extauthz.policy.document import METHODS, PathMatch
 from extauthz.tools.review.attribution import (
     Entry,
     EntryMatcher,
@@ -26,7 +26,7 @@ from extauthz.tools.review.attribution import (
     trust_domain_of,
 )
 from extauthz.tools.review.results import TOKEN_LIFETIME_FIELD, UNRECORDED, ReviewConfig
-from extauthz.tools.review.shapes import generic_shape, shape_of
+from extauthz.tools.review.shapes import SlugLearner, generic_shape
 
 EXERCISE = frozenset({Reason.ALLOWED.value, Reason.RATE_LIMITED.value})
 DENIALS = frozenset({Reason.PRINCIPAL_NOT_ALLOWED.value, Reason.NO_MATCHING_RULE.value,
@@ -60,11 +60,21 @@ class _Shape:
 
 
 @dataclass(slots=True)
-class IndexedRuleUse:
+class RuleUse:
     methods: Counter[str] = field(default_factory=Counter)
     shapes: dict[str, _Shape] = field(default_factory=dict)
     unshaped: int = 0  # uses whose path cannot become a template
     overflow: int = 0  # uses on shapes past the cap
+    learner: SlugLearner = field(default_factory=SlugLearner)
+
+    def merged_shapes(self, base: PathMatch) -> dict[str, _Shape]:
+        """The recorded shapes with every position learned since generalised, merged."""
+        out: dict[str, _Shape] = {}
+        for shape, slot in self.shapes.items():
+            merged = out.setdefault(self.learner.reshape(shape, base), _Shape())
+            merged.methods.update(slot.methods)
+            merged.entries.update(slot.entries)
+        return out
 
 
 @dataclass(slots=True)
@@ -92,7 +102,8 @@ class Tally:
         self.unknown_versions: Counter[str] = Counter()
         self.hosts: set[str] = set()
         self.grant_use: dict[tuple[str, RouteSig, Entry], Seen] = {}
-        self.rule_use: dict[tuple[str, RouteSig], IndexedRuleUse] = {}
+        self.grant_methods: dict[tuple[str, RouteSig, Entry], Counter[str]] = {}
+        self.rule_use: dict[tuple[str, RouteSig], RuleUse] = {}
         self.dry: dict[tuple[str, RouteSig], _DryUse] = {}
         self.denials: dict[tuple[str, str, str, str, str], Seen] = {}
         self.limited: dict[str, Seen] = {}
@@ -197,22 +208,25 @@ class Tally:
     def _use(self, t: str, rec: Mapping[str, Any], r: IndexedRule,
              entries: tuple[Entry, ...]) -> None:
         name, sig = r.rule.name, r.sig
+        method = rec.get("method")
+        method = method if isinstance(method, str) and method in METHODS else "?"
         for e in entries:
             seen = self.grant_use.get((name, sig, e))
             if seen is None:
                 seen = self.grant_use[(name, sig, e)] = Seen()
+                self.grant_methods[(name, sig, e)] = Counter()
             seen.add(t)
+            self.grant_methods[(name, sig, e)][method] += 1  # per caller: bounded by METHODS
         use = self.rule_use.get((name, sig))
         if use is None:
-            use = self.rule_use[(name, sig)] = IndexedRuleUse()
-        method = rec.get("method")
-        method = method if isinstance(method, str) and method in METHODS else "?"
+            use = self.rule_use[(name, sig)] = RuleUse()
         use.methods[method] += 1
         path = r.rule.decl.path
         if path.kind not in ("prefix", "template_prefix"):
             return
         raw = rec.get("path")
-        shape = shape_of(raw, path) if isinstance(raw, str) and raw.startswith("/") else None
+        shape = (use.learner.shape(raw, path) if isinstance(raw, str) and raw.startswith("/")
+                 else None)
         if shape is None:
             use.unshaped += 1
             return
