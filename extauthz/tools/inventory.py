@@ -281,7 +281,7 @@ def format_inventory(inv: Inventory, fmt: str = "auto", width: int = DEFAULT_WID
         return to_csv(header, [[c.removeprefix("! ") for c in r] for r in rows])
     if fmt == "auto":
         fmt = "table" if fits(header, rows, width) else "cards"
-    lines = [_summary_line(inv), ""]
+    lines = [*wrap(_summary_line(inv), width), ""]
     if fmt == "cards":
         lines += _cards(inv)
     else:
