@@ -131,3 +131,17 @@ def test_check_cli_shows_every_answer_of_a_series(capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize(("text", "seconds"), [("1s", 1.0), ("500ms", 0.5), ("2m", 120.0), ("3", 3.0)])
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_a_condition_reading_a_missing_header_names_it_instead_of_a_key_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "t.yaml").write_text(POLICY.format(who="allow", value="[checkout]") +
+                                   "    when: 'headers[\"x-tenant\"] == \"acme\"'\n")
+    code = main(["check", "--policy", str(policy), "--principal", "checkout", "--method", "GET",
+                 "--path", "/v1/orders", "--explain"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "KeyError" not in out
+    assert "-> error (header x-tenant is missing)" in out
