@@ -89,11 +89,59 @@ def _commands(body: list[str]) -> tuple[Command, ...]:
 
 
 def all_blocks() -> list[Block]:
-    return [b for doc in documents() for b in shell_blocks(doc)]
+    return [b for doc in documents() for b in (*shell_blocks(doc), *transcripts(doc))]
+
+
+def transcripts(doc: Path) -> list[Block]:
+    """Untagged blocks that are console transcripts: `$ command` lines, each followed by the
+    output it printed (a command may continue over `\\`-ended lines)."""
+    out: list[Block] = []
+    lines = doc.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        tag, start = m.group(2), i
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and not _FENCE.match(lines[i]):
+            body.append(lines[i])
+            i += 1
+        i += 1
+        if tag or not any(line.startswith("$ ") for line in body):
+            continue
+        commands: list[Command] = []
+        pending = ""
+        output: list[str] = []
+        for line in body:
+            if pending:
+                pending += " " + line.strip().removesuffix("\\").strip()
+                if not line.endswith("\\"):
+                    commands.append(Command(pending))
+                    pending = ""
+                continue
+            if line.startswith("$ "):
+                if commands and output:
+                    commands[-1] = Command(commands[-1].line, tuple(output))
+                output = []
+                text = line[2:]
+                if text.endswith("\\"):
+                    pending = text.removesuffix("\\").strip()
+                else:
+                    commands.append(Command(text.strip()))
+                continue
+            output.append(line)
+        if commands and output:
+            commands[-1] = Command(commands[-1].line, tuple(output))
+        out.append(Block(str(doc.relative_to(REPO)), start + 1, "\n".join(body), tuple(commands)))
+    return out
 
 
 def block(doc: str, first: str) -> Block:
     """The block of `doc` whose first command starts with `first`."""
-    found = [b for b in shell_blocks(REPO / doc) if b.commands and b.commands[0].line.startswith(first)]
+    found = [b for b in (*shell_blocks(REPO / doc), *transcripts(REPO / doc))
+             if b.commands and b.commands[0].line.startswith(first)]
     assert len(found) == 1, f"{doc}: {len(found)} shell blocks start with {first!r}"
     return found[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from extauthz.devstack.certs import CertificateAuthority, write_pem
-from tests.docblocks import REPO, block
+from tests.docblocks import REPO, block, transcripts
 
 from .server_process import free_port
 
@@ -78,3 +78,36 @@ def test_operations_mutual_tls_serve_command_serves_and_drains(tmp_path: Path) -
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
+
+
+# Commands of docs/policy.md's transcripts that illustrate files the repository does not have.
+TRANSCRIPT_SKIPS = {
+    "extauthz validate bad/": "bad/ is an illustration; tests/unit/test_policy_lint.py checks "
+    "each finding",
+    "extauthz test broken/": "broken/ is an illustration; tests/unit/test_policy_tools.py "
+    "checks the failure format",
+    "python bench/policy_scale.py": "a benchmark's timings",
+}
+
+
+def test_policy_md_transcripts_print_exactly_what_the_doc_shows() -> None:
+    ran = 0
+    for b in transcripts(REPO / "docs/policy.md"):
+        last_rc: int | None = None
+        for command in b.commands:
+            shown = list(command.output)
+            while shown and not shown[-1].strip():
+                shown.pop()
+            if command.line in TRANSCRIPT_SKIPS:
+                last_rc = None
+                continue
+            if command.line == "echo $?":
+                if last_rc is not None:
+                    assert shown == [str(last_rc)], (b.lineno, shown)
+                continue
+            out = run(command.line, REPO)
+            last_rc = out.returncode
+            assert "Traceback" not in out.stderr
+            assert out.stdout.rstrip("\n").splitlines() == shown, (command.line, out.stdout)
+            ran += 1
+    assert ran == 4

@@ -30,6 +30,13 @@ RUN = {
         "tests/e2e/test_troubleshooting_walkthrough.py",
     ("docs/doctor.md", "extauthz doctor --admin http://127.0.0.1:9901 --policy policies/"):
         "tests/e2e/test_troubleshooting_walkthrough.py",
+    # Console transcripts: every command run, its output compared line by line (the commands
+    # of an illustration that needs files the repository does not have are skipped there,
+    # each with its reason, in tests/integration/test_doc_commands.py).
+    ("docs/policy.md", "extauthz validate bad/"): "tests/integration/test_doc_commands.py",
+    ("docs/policy.md", "extauthz check --policy policy --host orders.mesh.local --principal "
+     "checkout --method GET --path /v1/orders/42"): "tests/integration/test_doc_commands.py",
+    ("docs/policy.md", "extauthz test policy/"): "tests/integration/test_doc_commands.py",
 }
 
 # (doc, first command) -> why no test runs it.
@@ -41,6 +48,14 @@ SKIPPED = {
         "the record of one benchmark run (its temporary paths, pinned CPUs, h2load/wrk)",
     ("docs/doctor.md", "kubectl port-forward -n shop deploy/orders 15000 &"):
         "needs a Kubernetes cluster with Istio",
+    ("docs/policy.md", "python bench/policy_scale.py"): "a benchmark's timings",
+    ("docs/reviewing-access.md", "extauthz inventory --policy extauthz/defaults/demo-policy "
+     "--logs decisions.log --format table --width 400"): "figures of one demo run's log "
+     "(times, counts); tests/e2e/test_review_e2e.py runs inventory and review on a real "
+     "stack's log",
+    ("docs/reviewing-access.md", "extauthz review --policy extauthz/defaults/demo-policy --logs "
+     "decisions.log --patch-out tighten.patch --fail-on medium --min-denials 3"):
+        "as above: one demo run's log",
     ("docs/operations.md", "docker run --read-only --cap-drop ALL --user 10001:10001 -v "
      "\"$PWD/policy:/etc/extauthz/policy:ro\" extauthz"): "needs Docker and the built image",
 }
