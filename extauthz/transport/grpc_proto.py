@@ -111,9 +111,14 @@ def is_network_check(request: Request) -> bool:
 
 def to_network_response(decision: Decision) -> ea.CheckResponse:
     """The answer to a network check: OK or a denial code, no HTTP response. Envoy closes a
-    denied connection; the dynamic metadata (principal, rule, ...) reaches its access log."""
+    denied connection, so the reason cannot travel in a header: it is in the dynamic metadata
+    (`reason`, with principal, rule, ... for the access log as
+    %DYNAMIC_METADATA(envoy.filters.network.ext_authz:reason)%) and in the status message
+    (`<status> <reason>`, as the HTTP body says it)."""
+    message = "" if decision.allowed else (
+        f"{decision.outcome.http_status} {decision.reason.value}")
     return ea.CheckResponse(
-        status=status_pb2.Status(code=_GRPC_CODE[decision.outcome]),
+        status=status_pb2.Status(code=_GRPC_CODE[decision.outcome], message=message),
         dynamic_metadata=_metadata(decision),
     )
 
