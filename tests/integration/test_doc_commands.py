@@ -29,9 +29,28 @@ def run(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+def serve_and_drain(command: str, cwd: Path) -> None:
+    """Run a documented `extauthz serve` until it logs "serving", then SIGTERM: exit 0."""
+    log = cwd / "serve.log"
+    bindir = str(Path(sys.executable).parent)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, stdout=sink,
+                                stderr=subprocess.STDOUT,
+                                env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(cwd)})
+    try:
+        deadline = time.monotonic() + 30
+        while '"event":"serving"' not in log.read_text().replace(" ", ""):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+
+
 def test_readme_wiring_commands_render_a_config_the_doctor_passes(tmp_path: Path) -> None:
     shutil.copytree(REPO / "policy", tmp_path / "policy")
-    commands = block("README.md", "extauthz envoy-config --extauthz unix:").commands
+    commands = block("README.md", "extauthz envoy-config ").commands
     outputs = []
     for command in commands:
         out = run(command.line.replace("/etc/extauthz/policy", str(tmp_path / "policy")), tmp_path)
@@ -60,24 +79,11 @@ def test_operations_mutual_tls_serve_command_serves_and_drains(tmp_path: Path) -
     (svid / "bundle.pem").write_bytes(ca.cert_pem)
     shutil.copytree(REPO / "policy", tmp_path / "policy")
     port = free_port()
-    (command,) = block("docs/operations.md", "extauthz serve --policy /etc/extauthz/policy").commands
+    (command,) = block("docs/operations.md",
+                       "extauthz serve --policy /etc/extauthz/policy --listen 0.0.0.0").commands
     local = (command.line.replace("/etc/extauthz/policy", str(tmp_path / "policy"))
              .replace("/run/svid", str(svid)).replace("0.0.0.0:9191", f"127.0.0.1:{port}"))
-    log = tmp_path / "serve.log"
-    bindir = str(Path(sys.executable).parent)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(["bash", "-c", f"exec {local}"], cwd=tmp_path, stdout=sink,
-                                stderr=subprocess.STDOUT,
-                                env={"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(tmp_path)})
-    try:
-        deadline = time.monotonic() + 30
-        while '"event":"serving"' not in log.read_text().replace(" ", ""):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
+    serve_and_drain(local, tmp_path)
 
 
 # Commands of docs/policy.md's transcripts that illustrate files the repository does not have.
@@ -111,3 +117,22 @@ def test_policy_md_transcripts_print_exactly_what_the_doc_shows() -> None:
             assert out.stdout.rstrip("\n").splitlines() == shown, (command.line, out.stdout)
             ran += 1
     assert ran == 4
+
+
+def test_operations_http_transport_wiring_serves_and_renders(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "policy", tmp_path / "policy")
+    run_dir = tmp_path / "run"
+    (run_dir / "extauthz").mkdir(parents=True)
+    serve, render = block("docs/operations.md",
+                          "extauthz serve --policy /etc/extauthz/policy --http-listen").commands
+    local = {"/etc/extauthz/policy": str(tmp_path / "policy"), "/run/": f"{run_dir}/"}
+
+    def here(line: str) -> str:
+        for old, new in local.items():
+            line = line.replace(old, new)
+        return line
+
+    serve_and_drain(here(serve.line), tmp_path)
+    out = run(here(render.line), tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load((tmp_path / "envoy.yaml").read_text())["static_resources"]

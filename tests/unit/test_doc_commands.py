@@ -7,14 +7,16 @@ from tests.docblocks import REPO, all_blocks
 
 # (doc, first command) -> the test that runs the whole block against real output.
 RUN = {
-    ("README.md", "extauthz envoy-config --extauthz unix:/run/extauthz/authz.sock --certs-dir "
-     "/run/svid -o envoy.yaml"): "tests/integration/test_doc_commands.py",
+    ("README.md", "extauthz envoy-config --transport http --extauthz unix:/run/extauthz/authz.sock "
+     "--certs-dir /run/svid -o envoy.yaml"): "tests/integration/test_doc_commands.py",
     ("docs/operations.md", "extauthz envoy-config                                   "
      "# complete mTLS sidecar bootstrap"): "tests/integration/test_doc_commands.py",
     ("docs/operations.md", "extauthz serve --policy /etc/extauthz/policy --listen 0.0.0.0:9191 "
      "--tls-cert /run/svid/svid.pem --tls-key /run/svid/svid.key --tls-client-ca "
      "/run/svid/bundle.pem --tls-allowed-clients 'spiffe://prod.example/ns/mesh/sa/envoy,"
      "spiffe://prod.example/ns/gateways/sa/*'"): "tests/integration/test_doc_commands.py",
+    ("docs/operations.md", "extauthz serve --policy /etc/extauthz/policy --http-listen "
+     "unix:/run/extauthz/authz.sock"): "tests/integration/test_doc_commands.py",
     ("docs/troubleshooting.md", "curl -si --cert client.crt --key client.key --cacert ca.crt "
      "https://orders.mesh.local:10000/v1/orders"): "tests/e2e/test_troubleshooting_walkthrough.py",
     ("docs/troubleshooting.md", "grep '\"principal\":\"spiffe://prod.example/ns/shop/sa/cart\"' "
