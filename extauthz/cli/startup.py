@@ -82,6 +82,11 @@ def check_listeners(settings: Settings) -> None:
                 _check_unix(name, addr, Path(str(where)))
             else:
                 _check_tcp(name, addr, host, int(where))
+    if settings.metrics_listen:  # one port per worker: base port + index
+        host, port = parse_listen_address(settings.metrics_listen)
+        for index in range(settings.workers if int(port) else 1):
+            addr = f"{host}:{int(port) + index}"
+            _check_tcp("metrics_listen", addr, host, int(port) + index)
 
 
 def _check_unix(name: str, addr: str, path: Path) -> None:

@@ -236,3 +236,15 @@ def test_an_http_listen_port_in_use_is_one_line_exit_1(policy_dir: Path) -> None
     assert out.returncode == 1
     line = one_line(out)
     assert line.startswith(f"extauthz serve: http_listen: cannot bind {addr}: address already in use")
+
+
+def test_a_metrics_port_in_use_is_a_runtime_failure_exit_1(policy_dir: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        addr = f"127.0.0.1:{other.getsockname()[1]}"
+        out = extauthz("serve", "--policy", str(policy_dir), "--listen",
+                       f"127.0.0.1:{free_port()}", "--metrics-listen", addr)
+    assert out.returncode == 1
+    assert one_line(out).startswith(f"extauthz serve: metrics_listen: cannot bind {addr}: "
+                                    "address already in use")
