@@ -78,9 +78,13 @@ def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
                 child.send_signal(signum)
 
     # Installed before the first worker starts: a SIGTERM during start-up must reach the
-    # workers already started, and no worker starts after it.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    # workers already started, and no worker starts after it. SIGHUP is *ignored* while the
+    # workers are spawned: an ignored disposition survives exec, so each worker ignores a
+    # reload until its server installs its own handler (a forwarded SIGHUP would otherwise
+    # kill a starting worker; it reads the current files as it starts anyway).
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for index in range(settings.workers):
         if stopping:
             break
@@ -93,6 +97,7 @@ def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
         # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards a
         # SIGTERM (a SIGINT would interrupt a starting worker with KeyboardInterrupt).
         children.append(subprocess.Popen(argv, env=env, start_new_session=True))
+    signal.signal(signal.SIGHUP, forward)
     log.info("workers started", extra={"event": "workers_started",
                                         "pids": [c.pid for c in children]})
 

@@ -248,3 +248,27 @@ def test_a_metrics_port_in_use_is_a_runtime_failure_exit_1(policy_dir: Path) -> 
     assert out.returncode == 1
     assert one_line(out).startswith(f"extauthz serve: metrics_listen: cannot bind {addr}: "
                                     "address already in use")
+
+
+def test_workers_sighup_in_any_phase_of_start_up_never_kills_a_worker(policy_dir: Path) -> None:
+    """A reload forwarded while a worker is still starting is ignored, not fatal."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
+                             "--listen", f"127.0.0.1:{port}", "--workers", "2",
+                             "--decision-log", "none"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _children(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for _ in range(40):  # every 50 ms through start-up and into serving
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        wait_serving(f"127.0.0.1:{port}", proc)
+        assert proc.poll() is None
+        assert len(_children(proc.pid)) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert '"event": "worker_exited"' not in err and "Traceback" not in err
