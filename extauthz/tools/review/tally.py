@@ -30,6 +30,7 @@ from extauthz.tools.review.shapes import SlugLearner, generic_shape
 
 EXERCISE = frozenset({Reason.ALLOWED.value, Reason.RATE_LIMITED.value})
 DENIALS = frozenset({Reason.PRINCIPAL_NOT_ALLOWED.value, Reason.NO_MATCHING_RULE.value,
+                     Reason.CONDITION_NOT_MET.value,
                      Reason.DENIED_BY_RULE.value, Reason.METHOD_OVERRIDE.value})
 
 
