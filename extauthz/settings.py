@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from extauthz.backends.redis_url import parse_redis_url
+
 ENV_PREFIX = "EXTAUTHZ_"
 # RFC 9110 token characters, lowercase (Envoy lowercases header names); fixed, not user regex.
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
@@ -49,7 +51,8 @@ class Settings:
     # Rate-limit state: "memory" (per process) or "redis" (shared, exact across replicas).
     rate_limit_backend: str = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout: float = 0.02
+    # Per-check deadline, sized from measured latency (docs/rate-limits.md, "Deadline").
+    redis_timeout: float = 0.1
     # When Redis is down or slow: "closed" (503), "open" (allow), "local" (per-process limits).
     redis_failure_mode: str = "closed"
     # Add ratelimit-limit/-remaining/-reset to allowed requests on their way upstream.
@@ -198,6 +201,11 @@ def _validate(s: Settings) -> None:
         )
     if s.redis_timeout <= 0:
         raise SettingsError("redis_timeout: must be greater than 0")
+    if s.rate_limit_backend == "redis":
+        try:
+            parse_redis_url(s.redis_url)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(
             f"log_level: must be debug, info, warning or error, not {s.log_level!r}"
