@@ -344,9 +344,13 @@ async def watch(app: App, reload_now: asyncio.Event) -> None:
     interval = app.settings.watch_interval
     revocation_file = app.settings.revocation_file
     seen_revoked = fingerprint(revocation_file) if revocation_file else ""
-    roots = [p for p in (app.settings.policy,
-                         revocation_file.parent if revocation_file else None) if p is not None]
-    notifier = open_notifier(roots) if interval > 0 else None
+    policy_dir = app.settings.policy
+    notifier = None
+    if interval > 0:
+        notifier = open_notifier(
+            [policy_dir] if policy_dir is not None else [],
+            [revocation_file.parent] if revocation_file is not None else [],
+        )
     changed = asyncio.Event()  # a notification: reload if the content differs
     loop = asyncio.get_running_loop()
     if notifier is not None:

@@ -41,10 +41,12 @@ class ChangeNotifier:
     re-arms watches for folders created since (a new sub-folder, a new `..2026_...` folder).
     """
 
-    def __init__(self, inotify: Any, mask: int, roots: Iterable[Path]) -> None:
+    def __init__(self, inotify: Any, mask: int, roots: Iterable[Path],
+                 single: Iterable[Path] = ()) -> None:
         self._inotify = inotify
         self._mask = mask
         self._roots = tuple(dict.fromkeys(roots))
+        self._single = tuple(dict.fromkeys(single))  # watched without their sub-folders
         self._watched: dict[str, int] = {}
         self._sync()
 
@@ -72,6 +74,8 @@ class ChangeNotifier:
         wanted: list[str] = []
         for root in self._roots:
             wanted.extend(_folders(root))
+        wanted.extend(str(folder) for folder in self._single if folder.is_dir())
+        wanted = list(dict.fromkeys(wanted))
         for folder in wanted[:MAX_WATCHED_DIRS]:
             if folder in self._watched:
                 continue
@@ -96,16 +100,17 @@ def _folders(root: Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def open_notifier(roots: Iterable[Path]) -> ChangeNotifier | None:
-    """A notifier for `roots`, or None (with one log line saying why) when the platform
-    cannot provide one; the caller then relies on polling."""
+def open_notifier(roots: Iterable[Path], single: Iterable[Path] = ()) -> ChangeNotifier | None:
+    """A notifier for the folders `roots` (with their sub-folders) and `single` (alone: the
+    folder of one file, e.g. the revocation list), or None (with one log line saying why)
+    when the platform cannot provide one; the caller then relies on polling."""
     try:
         from inotify_simple import INotify, flags  # noqa: PLC0415
 
         mask = 0
         for name in _MASK_NAMES:
             mask |= int(getattr(flags, name))
-        notifier = ChangeNotifier(INotify(), mask, roots)
+        notifier = ChangeNotifier(INotify(), mask, roots, single)
     except (ImportError, OSError) as exc:
         log.info(
             "file notifications unavailable; reloading by polling only",
