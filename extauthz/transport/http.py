@@ -687,9 +687,9 @@ class HttpTransport:
                 try:
                     server = await loop.create_unix_server(
                         lambda: CheckConnection(state), path, backlog=1024)
-                except OSError as exc:
-                    raise SettingsError(f"http_listen: cannot bind {addr}: "
-                                        f"{exc.strerror or exc}") from None
+                except OSError as exc:  # the host refused a valid setting: exit 1 (issue 19)
+                    raise BindError(f"http_listen: cannot bind {addr}: "
+                                    f"{exc.strerror or exc}") from None
                 finally:
                     os.umask(previous)
                 os.chmod(path, settings.socket_mode)
