@@ -157,3 +157,11 @@ def test_doctor_admin_recipe_runs_against_the_real_sidecar(walk: tuple[DevStack,
         assert "Traceback" not in out.stderr
     sarif = json.loads((work / "doctor.sarif").read_text())
     assert sarif["runs"], sarif
+    readme = [c for c in block("README.md", "extauthz envoy-config ").commands
+              if "--admin" in c.line]
+    for command in readme:  # README's doctor of a running Envoy, against the real sidecar
+        local = (command.line.replace("127.0.0.1:9901", f"127.0.0.1:{stack.admin_port}")
+                 .replace("/etc/extauthz/policy", str(work / "policy")))
+        out = run(local, work)
+        assert out.returncode == 0, (command.line, out.stdout, out.stderr)
+    assert readme

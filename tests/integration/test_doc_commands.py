@@ -50,7 +50,9 @@ def serve_and_drain(command: str, cwd: Path) -> None:
 
 def test_readme_wiring_commands_render_a_config_the_doctor_passes(tmp_path: Path) -> None:
     shutil.copytree(REPO / "policy", tmp_path / "policy")
-    commands = block("README.md", "extauthz envoy-config ").commands
+    commands = [c for c in block("README.md", "extauthz envoy-config ").commands
+                if "--admin" not in c.line]  # needs a running Envoy: the e2e walk-through
+    assert len(commands) == 3
     outputs = []
     for command in commands:
         out = run(command.line.replace("/etc/extauthz/policy", str(tmp_path / "policy")), tmp_path)
