@@ -78,6 +78,7 @@ CLIENT_HEADERS = (REASON_HEADER, "www-authenticate", "retry-after", "ratelimit-l
 BUDGET_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
 RESPONSE_MEMO_SIZE = 4096
 XFCC_MEMO_SIZE = 4096
+XFCC_MEMO_MAX_VALUE = 4096  # a sidecar's element (URI, Hash, even Cert=) is well under this
 
 _STATUS_LINE = {
     200: b"HTTP/1.1 200 OK\r\n",
@@ -577,9 +578,10 @@ class HttpCheckServer:
         found = self._peers.get(xfcc)
         if found is None:
             found = peer_from_xfcc(xfcc)
-            if len(self._peers) >= XFCC_MEMO_SIZE:
-                self._peers.clear()
-            self._peers[xfcc] = found
+            if len(xfcc) <= XFCC_MEMO_MAX_VALUE:  # entries x size stays bounded (~16 MiB)
+                if len(self._peers) >= XFCC_MEMO_SIZE:
+                    self._peers.clear()
+                self._peers[xfcc] = found
         return found
 
     def refuse_peer(self, transport: asyncio.Transport) -> str:

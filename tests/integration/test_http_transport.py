@@ -578,3 +578,17 @@ def test_workers_refuse_a_unix_http_listener() -> None:
                               "workers": 2}, {})
     with pytest.raises(SettingsError, match="unix socket cannot be shared"):
         check_workers(settings)
+
+
+def test_xfcc_memo_stays_bounded_under_distinct_and_oversized_values(tmp_path: Path) -> None:
+    from extauthz.transport.http import XFCC_MEMO_MAX_VALUE, XFCC_MEMO_SIZE
+
+    with running(tmp_path, limits=FAST) as s:
+        state = s.transport.server
+        for i in range(XFCC_MEMO_SIZE + 10):
+            s.call(state.peer, xfcc(f"spiffe://prod.example/ns/n/sa/{i}"))
+        huge = xfcc(CHECKOUT) + ";Subject=\"" + "x" * (XFCC_MEMO_MAX_VALUE + 1) + "\""
+        s.call(state.peer, huge)
+        memo = s.call(lambda: dict(state._peers))
+        assert len(memo) <= XFCC_MEMO_SIZE
+        assert huge not in memo
