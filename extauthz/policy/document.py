@@ -242,13 +242,17 @@ class _Reader:
             raise self.error(key, "must be a non-empty string")
         return value
 
-    def string_list(self, key: str, *, required: bool = False) -> tuple[str, ...]:
+    def string_list(
+        self, key: str, *, required: bool = False, list_only: bool = False
+    ) -> tuple[str, ...]:
         value = self.data.get(key)
         if value is None:
             if required:
                 raise self.error(key, "is required")
             return ()
         if isinstance(value, str):
+            if list_only:  # who may call is never a bare word: `allow: checkout` is a typo
+                raise self.error(key, f"must be a list: write [{value}]")
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise self.error(key, "must be a list of non-empty strings")
@@ -408,8 +412,8 @@ def _rule(reader: _Reader, default_hosts: tuple[str, ...], owner: str) -> RuleDe
             condition = compile_condition(when)
         except ConditionError as exc:
             raise reader.error("when", str(exc)) from None
-    allow = reader.string_list("allow")
-    deny = reader.string_list("deny")
+    allow = reader.string_list("allow", list_only=True)
+    deny = reader.string_list("deny", list_only=True)
     if not allow and not deny:
         raise reader.error("allow", "a rule needs 'allow' or 'deny' (default is deny)")
     for who_key, who in (("allow", allow), ("deny", deny)):
@@ -483,11 +487,23 @@ def _path(reader: _Reader) -> PathMatch:
     return PathMatch("exact" if key == "path" else "prefix", value)
 
 
+def _quiet_re2() -> Any:
+    options = re2.Options()
+    options.log_errors = False  # no C++ log lines on stderr: the PolicyError says it all
+    return options
+
+
+_QUIET_RE2 = _quiet_re2()
+
+
 def compile_re2(reader: _Reader, key: str, pattern: str) -> Any:
     try:
-        return re2.compile(pattern)
+        return re2.compile(pattern, _QUIET_RE2)
     except re2.error as exc:
-        raise reader.error(key, f"invalid RE2 regular expression {pattern!r}: {exc}") from None
+        detail = exc.args[0] if exc.args else ""
+        if isinstance(detail, bytes):  # the binding raises RE2's message as bytes
+            detail = detail.decode("utf-8", "replace")
+        raise reader.error(key, f"invalid RE2 regular expression {pattern!r}: {detail}") from None
 
 
 def _headers(reader: _Reader) -> tuple[HeaderMatch, ...]:

@@ -59,6 +59,7 @@ from extauthz.identity.resolver import www_authenticate
 from extauthz.identity.xfcc import XfccError, parse_xfcc, sidecar_element
 from extauthz.model import Decision, IdentityFailure, IdentitySource, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.transport.listeners import BindError, reuse_port
 from extauthz.transport.tls import TlsConfig
 
 log = logging.getLogger("extauthz.http")
@@ -77,6 +78,7 @@ CLIENT_HEADERS = (REASON_HEADER, "www-authenticate", "retry-after", "ratelimit-l
 BUDGET_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
 RESPONSE_MEMO_SIZE = 4096
 XFCC_MEMO_SIZE = 4096
+XFCC_MEMO_MAX_VALUE = 4096  # a sidecar's element (URI, Hash, even Cert=) is well under this
 
 _STATUS_LINE = {
     200: b"HTTP/1.1 200 OK\r\n",
@@ -576,9 +578,10 @@ class HttpCheckServer:
         found = self._peers.get(xfcc)
         if found is None:
             found = peer_from_xfcc(xfcc)
-            if len(self._peers) >= XFCC_MEMO_SIZE:
-                self._peers.clear()
-            self._peers[xfcc] = found
+            if len(xfcc) <= XFCC_MEMO_MAX_VALUE:  # entries x size stays bounded (~16 MiB)
+                if len(self._peers) >= XFCC_MEMO_SIZE:
+                    self._peers.clear()
+                self._peers[xfcc] = found
         return found
 
     def refuse_peer(self, transport: asyncio.Transport) -> str:
@@ -686,9 +689,9 @@ class HttpTransport:
                 try:
                     server = await loop.create_unix_server(
                         lambda: CheckConnection(state), path, backlog=1024)
-                except OSError as exc:
-                    raise SettingsError(f"http_listen: cannot bind {addr}: "
-                                        f"{exc.strerror or exc}") from None
+                except OSError as exc:  # the host refused a valid setting: exit 1 (issue 19)
+                    raise BindError(f"http_listen: cannot bind {addr}: "
+                                    f"{exc.strerror or exc}") from None
                 finally:
                     os.umask(previous)
                 os.chmod(path, settings.socket_mode)
@@ -697,10 +700,10 @@ class HttpTransport:
                 try:
                     server = await loop.create_server(
                         lambda: CheckConnection(state), str(host), int(where), backlog=1024,
-                        reuse_port=True, ssl=context)
-                except OSError as exc:
-                    raise SettingsError(f"http_listen: cannot bind {addr}: "
-                                        f"{exc.strerror or exc}") from None
+                        reuse_port=reuse_port(), ssl=context)
+                except OSError as exc:  # only a supervisor's workers share a port (issue 19)
+                    raise BindError(f"http_listen: cannot bind {addr}: "
+                                    f"{exc.strerror or exc}") from None
                 port = server.sockets[0].getsockname()[1]
                 bound.append(f"http://{host}:{port}")
             self._servers.append(server)

@@ -138,8 +138,8 @@ def test_settings_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cache_size: 1\ncache_ttl: 5\nlog_level: warning\n")
     env = {**os.environ, "EXTAUTHZ_CACHE_TTL": "7", "EXTAUTHZ_LOG_LEVEL": "error"}
-    out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--config", str(cfg), "--policy", "p",
-                          "--log-level", "debug", "--print-config"], env=env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--config", str(cfg),
+                          "--policy", str(REPO / "policy"), "--log-level", "debug", "--print-config"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     import json
 
@@ -239,30 +239,31 @@ def test_budget_headers_reach_the_upstream_only_when_enabled(policy_dir: Path, t
 def test_workers_share_the_port_and_drain_together(policy_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
-                             "--listen", target, "--workers", "2"], stderr=subprocess.PIPE)
+    log_path = tmp_path / "workers.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--policy",
+                                 str(policy_dir), "--listen", target, "--workers", "2"],
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_serving(target, proc)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         children: list[str] = []
-        while time.monotonic() < deadline and len(children) < 2:
+        while time.monotonic() < deadline and (
+                len(children) < 2 or log_path.read_text().count('"event": "serving"') < 2):
             children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
             time.sleep(0.1)
         assert len(children) == 2, children
+        assert log_path.read_text().count('"event": "serving"') == 2  # both bound the one port
         for _ in range(20):  # new channels: the kernel spreads connections over both
             assert http_status(call(target, request(principal=BILLING))) == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        assert proc.stderr is not None
-        logged = proc.stderr.read().decode()
-        assert logged.count('"event": "serving"') == 2  # both bound the one port
+        logged = log_path.read_text()
         assert logged.count('"event": "stopped"') == 2  # and both drained
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     finally:
         stop(proc)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def test_workers_refuse_a_unix_socket(policy_dir: Path, tmp_path: Path) -> None:

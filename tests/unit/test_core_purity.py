@@ -5,8 +5,10 @@ from pathlib import Path
 
 CORE = ["model", "identity/spiffe", "identity/xfcc", "identity/jwt", "identity/resolver",
         "policy/document", "policy/paths", "policy/compiled", "policy/conditions",
-        "policy/connections", "policy/principals", "tools/explain", "tools/review",
-        "tools/inventory", "decide/cache", "decide/ratelimit", "decide/pipeline"]
+        "policy/connections", "policy/principals", "tools/explain", "tools/review/__init__",
+        "tools/review/attribution", "tools/review/findings", "tools/review/patch",
+        "tools/review/results", "tools/review/reviewer", "tools/review/shapes",
+        "tools/review/tally", "tools/inventory", "decide/cache", "decide/ratelimit", "decide/pipeline"]
 FORBIDDEN = ("grpc", "grpc_health", "grpc_reflection", "opentelemetry.sdk", "redis", "envoy",
              "xds", "urllib", "http", "socket", "asyncio.subprocess", "subprocess")
 
