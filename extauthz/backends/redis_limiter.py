@@ -64,6 +64,7 @@ from extauthz.backends.breaker import BreakerState, RateBreaker
 from extauthz.backends.redis_url import RedisKind, RedisTarget, parse_redis_url, redacted
 from extauthz.decide.ratelimit import (
     Limit,
+    Limiter,
     LimitResult,
     LocalLimiter,
     OverLimitCache,
@@ -558,3 +559,8 @@ def _fail(batch: list[_Queued], exc: BaseException) -> None:
     for entry in batch:
         if not entry.future.done():
             entry.future.set_exception(exc)
+
+
+def as_limiter(limiter: RedisLimiter) -> Limiter:
+    """The Redis limiter is a `ratelimit.Limiter` (mypy checks this assignment)."""
+    return limiter

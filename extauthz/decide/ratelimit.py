@@ -35,6 +35,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from extauthz.model import Outcome
 
@@ -321,6 +322,21 @@ class LocalLimiter:
                 self._compact()
             return result
 
+
+class Limiter(Protocol):
+    """What the authorizer and the server's lifecycle need from a rate limiter.
+
+    `start` runs once before serving (connect, preload scripts); it may raise, and the server
+    then logs that the backend is unreachable and serves under the limiter's failure mode.
+    `aclose` runs once at shutdown. `hit_many` is per check: consume `cost` from every
+    (key, limit) only if all allow, and report the most restrictive result.
+    """
+
+    async def start(self) -> None: ...
+
+    async def hit_many(self, items: Sequence[tuple[str, Limit]], cost: int = 1) -> LimitResult: ...
+
+    async def aclose(self) -> None: ...
 
 class OverLimitCache:
     """Keys known to be over their limit, answered locally until their retry-after.
