@@ -6,7 +6,6 @@ Precedence: command-line flag > `EXTAUTHZ_*` environment variable > config file 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,12 +13,9 @@ from typing import Any
 
 import yaml
 
+from extauthz import headers
+
 ENV_PREFIX = "EXTAUTHZ_"
-# RFC 9110 token characters, lowercase (Envoy lowercases header names); fixed, not user regex.
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
-_RESERVED_HEADERS = frozenset(
-    {"host", "authorization", "x-forwarded-client-cert", "x-extauthz-reason"}
-)
 
 
 class SettingsError(ValueError):
@@ -36,7 +32,7 @@ class Settings:
     cache_size: int = 100_000
     cache_ttl: float = 60.0
     trust_domains: tuple[str, ...] = ()
-    principal_header: str = "x-extauthz-principal"
+    principal_header: str = headers.PRINCIPAL
     # Header carrying the name of the rule that allowed the request ("" = not sent).
     rule_header: str = ""
     limiter_max_keys: int = 100_000
@@ -163,11 +159,9 @@ def _validate(s: Settings) -> None:
         raise SettingsError("workers: must be at least 1")
     for name in ("principal_header", "rule_header"):
         value = getattr(s, name)
-        if value and (not _HEADER_NAME.match(value) or value in _RESERVED_HEADERS):
-            raise SettingsError(
-                f"{name}: {value!r} is not a usable lowercase header name "
-                f"(reserved: {', '.join(sorted(_RESERVED_HEADERS))})"
-            )
+        problem = headers.settable_problem(value) if value else ""
+        if problem:
+            raise SettingsError(f"{name}: {problem}")
     if s.rule_header and s.rule_header == s.principal_header:
         raise SettingsError("rule_header: must differ from principal_header")
     if s.rate_limit_backend not in ("memory", "redis"):

@@ -235,6 +235,11 @@ class RedisLimiter:
         """Optionally preload the script at startup (saves one round trip on the first check)."""
         await self._client.script_load(GCRA_SCRIPT)
 
+    async def start(self) -> None:
+        """The Limiter interface's start-up step: preload the script (raises when Redis is
+        unreachable; checks then follow the failure mode)."""
+        await self.load_script()
+
     async def aclose(self) -> None:
         for task in list(self._inflight):
             task.cancel()

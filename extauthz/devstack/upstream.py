@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from extauthz import headers as names
+
 INTERESTING_HEADERS = (
     "host",
-    "x-extauthz-principal",
-    "x-forwarded-client-cert",
+    names.PRINCIPAL,
+    names.XFCC,
     "x-request-id",
 )
 MAX_BODY = 1 << 20

@@ -1,7 +1,7 @@
 """Answer "why was this request allowed or denied?" with the matcher's own logic.
 
-`decide` runs a request through the real `Authorizer` (the same normalization, method checks
-and policy evaluation as the server, minus cache and rate limits). `explain` adds a trace of
+`decide` runs a request through the server's own synchronous `decide` (the same guards and
+policy evaluation as `Authorizer.check`, minus cache and rate limits). `explain` adds a trace of
 every rule on the request's host: whether its route matched (membership in the matcher's own
 candidate list), how its headers and `when` condition came out, and whether its allow/deny
 lists name the caller. The final decision always comes from `CompiledPolicy.evaluate`, never
@@ -10,13 +10,12 @@ from this module.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from extauthz.decide.cache import DecisionCache
-from extauthz.decide.pipeline import Authorizer, normalize_host
+from extauthz.decide import pipeline
+from extauthz.decide.guards import normalize_host
 from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, SpiffePattern, parse_spiffe_id
 from extauthz.model import EMPTY, Decision, Identity, IdentitySource, Reason, Request
 from extauthz.policy.compiled import CompiledPolicy, CompiledRule, FilterResult, RequestInputs
@@ -77,30 +76,15 @@ def _spiffe(principal: str) -> SpiffeId:
                           f"valid SPIFFE ID: {exc}") from None
 
 
-class _Holder:
-    def __init__(self, policy: CompiledPolicy) -> None:
-        self.current: CompiledPolicy | None = policy
-
-
-class _Resolver:
-    """Stands in for IdentityResolver: the caller is given, not verified."""
-
-    def __init__(self, identity: Identity) -> None:
-        self.identity = identity
-
-    def resolve(self, _request: Request, _now: float) -> Identity:
-        return self.identity
-
-
 def decide(policy: CompiledPolicy, probe: Probe) -> tuple[Decision, Identity]:
+    """The server's decision for a given (not verified) caller: the same guards and policy
+    evaluation as `Authorizer.check`, minus cache and rate limits, with no event loop."""
     identity = caller_identity(policy, probe.principal, probe.claims)
     now = probe.now if probe.now is not None else time.time()
-    authz = Authorizer(_Holder(policy), _Resolver(identity),  # type: ignore[arg-type]
-                       DecisionCache(0, 0, lambda: now), lambda: now)
     request = Request(method=probe.method, host=probe.host, path=probe.path,
                       headers={k.lower(): v for k, v in probe.headers.items()},
                       source_principal=identity.principal)
-    return asyncio.run(authz.check(request)).decision, identity
+    return pipeline.decide(policy, identity, request, now), identity
 
 
 @dataclass(frozen=True, slots=True)

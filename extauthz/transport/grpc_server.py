@@ -26,11 +26,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from extauthz import headers
 from extauthz.backends.redis_limiter import RedisLimiter
 from extauthz.decide.cache import DecisionCache
-from extauthz.decide.pipeline import Authorizer, CheckResult, InProcessLimiter, Limiter
-from extauthz.decide.ratelimit import LocalLimiter, rate_limit_headers
+from extauthz.decide.pipeline import Authorizer, CheckResult
+from extauthz.decide.ratelimit import (
+    InProcessLimiter,
+    Limiter,
+    LocalLimiter,
+    rate_limit_headers,
+)
 from extauthz.identity.resolver import IdentityConfig, IdentityResolver
+from extauthz.memo import Memo
 from extauthz.model import Decision, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 from extauthz.sources.policy_store import PolicyStore
@@ -80,7 +87,7 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
         self._clock = clock
         self.stats = Stats()
         # Responses by the decision fields they are built from (see _respond); bounded.
-        self._responses: dict[tuple[object, ...], ea.CheckResponse] = {}
+        self._responses: Memo[tuple[object, ...], ea.CheckResponse] = Memo(RESPONSE_MEMO_SIZE)
 
     def _respond(self, result: CheckResult) -> ea.CheckResponse:
         """Build (or reuse) the CheckResponse. Responses are memoized by everything
@@ -105,10 +112,7 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
         )
         response = self._responses.get(key)
         if response is None:
-            response = to_response(decision, self._options)
-            if len(self._responses) >= RESPONSE_MEMO_SIZE:
-                self._responses.clear()
-            self._responses[key] = response
+            response = self._responses.put(key, to_response(decision, self._options))
         return response
 
     async def Check(self, check: ea.CheckRequest, context: Any) -> ea.CheckResponse:
@@ -185,12 +189,7 @@ def build_app(
             strip_headers=tuple(
                 dict.fromkeys(
                     h
-                    for h in (
-                        settings.principal_header,
-                        settings.rule_header,
-                        "x-extauthz-principal",
-                        "x-extauthz-rule",
-                    )
+                    for h in (settings.principal_header, settings.rule_header, *headers.TRUSTED)
                     if h
                 )
             ),
@@ -340,10 +339,9 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
         server,
     )
     limiter = app.authorizer.limiter
-    load_script = getattr(limiter, "load_script", None)
-    if load_script is not None:
+    if limiter is not None:
         try:
-            await asyncio.wait_for(load_script(), timeout=2.0)
+            await asyncio.wait_for(limiter.start(), timeout=2.0)
         except Exception as exc:  # the failure mode covers checks; say so at start-up
             log.warning(
                 "rate-limit backend unreachable at start-up",
@@ -381,9 +379,8 @@ async def serve(app: App, ready: Callable[[list[str]], None] | None = None) -> i
         await _set_health(app, False)
         await server.stop(settings.grace_period)
         app.identity_root.stop()
-        close = getattr(limiter, "aclose", None)
-        if close is not None:
-            await close()
+        if limiter is not None:
+            await limiter.aclose()
         for addr in settings.listen:
             if addr.startswith("unix:"):
                 with contextlib.suppress(FileNotFoundError):

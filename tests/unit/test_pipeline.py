@@ -1,12 +1,14 @@
 import asyncio
 
 from extauthz.decide.cache import DecisionCache
-from extauthz.decide.pipeline import Authorizer, CheckResult, InProcessLimiter, normalize_host
-from extauthz.decide.ratelimit import LocalLimiter
+from extauthz.decide.guards import normalize_host
+from extauthz.decide.pipeline import Authorizer, CheckResult
+from extauthz.decide.ratelimit import InProcessLimiter, LocalLimiter
 from extauthz.identity.resolver import IdentityConfig, IdentityResolver
 from extauthz.model import Identity, IdentitySource, Outcome, Reason, Request
 from extauthz.policy.compiled import CompiledPolicy
 
+from .conftest import Clock
 from .policy_fixtures import BILLING, CHECKOUT, compiled
 
 HOST = "orders.mesh.local"
@@ -15,14 +17,6 @@ RULES = [
     {"name": "create", "methods": ["POST"], "path": "/v1/orders", "allow": ["checkout"],
      "limit": {"rate": 2, "period": "1s", "burst": 2}},
 ]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Holder:
