@@ -27,8 +27,9 @@ import make_request
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from microbench import observers_for, run_to_completion
 
+from extauthz.app import build_app
 from extauthz.settings import load_settings
-from extauthz.transport.grpc_server import build_app
+from extauthz.transport.grpc_server import GrpcTransport
 
 
 def rss_mib() -> tuple[float, float]:
@@ -83,7 +84,7 @@ def main() -> int:
     print(json.dumps({"checks": 0, "rss_mib": round(start_rss, 1), "seconds": 0.0}), flush=True)
     marks = sorted({int(args.checks * float(f)) for f in args.points.split(",")})
     base = template().SerializeToString()
-    check = app.servicer.Check
+    check = GrpcTransport(app).servicer.Check
     allowed = 0
     t0 = time.perf_counter()
     for i in range(args.checks):

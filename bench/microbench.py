@@ -22,13 +22,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from extauthz.decide.pipeline import normalize_host
+from extauthz.app import build_app
+from extauthz.decide.guards import normalize_host
 from extauthz.observe.decision_log import fast_line
 from extauthz.observe.tracing import SpanRecorder
 from extauthz.observe.wiring import build_observers
 from extauthz.settings import Settings
 from extauthz.transport.grpc_proto import ResponseOptions, to_request, to_response
-from extauthz.transport.grpc_server import build_app
+from extauthz.transport.grpc_server import GrpcTransport
 
 try:
     from extauthz.policy.paths import normalize_path
@@ -103,7 +104,9 @@ def run(policy: Path, cert_pem: bytes | None, n: int = 3000) -> list[dict[str, A
     host = normalize_host(request.host) or ""
     path = normalize_path(request.path) if normalize_path else request.path
     found = identity.resolve(request, now)
-    servicer = hit_app.servicer
+    servicer = GrpcTransport(hit_app).servicer
+    bare_servicer = GrpcTransport(bare_app).servicer
+    miss_servicer = GrpcTransport(miss_app).servicer
     # Warm the caches (decision, certificate facts, response memo).
     first = run_to_completion(servicer.Check(message, None))
     assert first.status.code == 0, first
@@ -123,22 +126,22 @@ def run(policy: Path, cert_pem: bytes | None, n: int = 3000) -> list[dict[str, A
                         normalize_path(request.path) if normalize_path else None), n)),
         ("hit", "DecisionCache.get (hit)", _best(lambda: hit_app.cache.get(key), n)),
         ("hit", "servicer._respond (memoized)", _best(lambda: servicer._respond(result), n)),
-        ("hit", "Authorizer._apply_limits (no limit applies)",
-         _best_async(lambda: authorizer._apply_limits(compiled, result.decision, True, found), n)),
+        ("miss", "CompiledPolicy.limits (no limit applies; a hit reads its cache entry)",
+         _best(lambda: compiled.limits(result.decision), n)),
         ("hit", "Authorizer.check (cache hit)", _best_async(lambda: authorizer.check(request), n)),
         ("hit", "observers (tracing off, decision log none, no metrics)",
          _best(lambda: [o.observe(request, result, 1e-5) for o in observers], n)),
         ("hit", "servicer.Check, whole (cache hit)",
          _best_async(lambda: servicer.Check(message, None), n)),
         ("hit", "servicer.Check, whole (cache hit), no observers installed",
-         _best_async(lambda: bare_app.servicer.Check(message, None), n)),
+         _best_async(lambda: bare_servicer.Check(message, None), n)),
         ("miss", f"CompiledPolicy.evaluate ({len(compiled.rules):,} rules)",
          _best(lambda: compiled.evaluate(found, host, request.method, path or "/"), n)),
         ("miss", "proto.to_response (allow)", _best(lambda: to_response(evaluated, options), n)),
         ("miss", "proto.to_response + SerializeToString",
          _best(lambda: to_response(evaluated, options).SerializeToString(), n)),
         ("miss", "servicer.Check, whole (cache disabled)",
-         _best_async(lambda: miss_app.servicer.Check(message, None), n)),
+         _best_async(lambda: miss_servicer.Check(message, None), n)),
     ]
     rows += _observability_rows(request, result, n)
     return [{"path": p, "stage": s, "us": round(us, 2)} for p, s, us in rows]

@@ -8,9 +8,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extauthz import __version__
 from extauthz.settings import Settings, SettingsError, environ, load_settings
+
+if TYPE_CHECKING:
+    from extauthz.app import App, Transport
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -217,8 +221,8 @@ def _serve(args: argparse.Namespace) -> int:
         except SettingsError as exc:
             print(f"extauthz serve: {exc}", file=sys.stderr)
             return 2
+    from extauthz.app import build_app, serve
     from extauthz.observe.wiring import build_observers
-    from extauthz.transport.grpc_server import build_app, serve
 
     try:
         obs = build_observers(settings)
@@ -228,12 +232,23 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app = build_app(settings, observers=obs.observers)
         obs.attach(app)
-        return _run(serve(app))
+        return _run(serve(app, _transports(app)))
     except SettingsError as exc:
         print(f"extauthz serve: {exc}", file=sys.stderr)
         return 2
     finally:
         obs.close()
+
+
+def _transports(app: App) -> list[Transport]:
+    """One transport per kind of listener configured (gRPC `--listen`, HTTP `--http-listen`),
+    all deciding with the same app."""
+    from extauthz.transport.grpc_server import GrpcTransport
+
+    transports: list[Transport] = []
+    if app.settings.listen:
+        transports.append(GrpcTransport(app))
+    return transports
 
 
 def _health(args: argparse.Namespace) -> int:

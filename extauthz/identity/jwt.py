@@ -25,7 +25,7 @@ from cachetools import LRUCache
 from jwt import PyJWS
 from jwt.exceptions import PyJWTError
 
-from extauthz.identity.spiffe import SpiffeIdError, check_trust_domain_name, parse_spiffe_id
+from extauthz.identity.spiffe import SpiffeIdError, check_trust_domain_name, parse_workload_id
 from extauthz.model import Identity, IdentitySource, Reason
 
 ASYMMETRIC_ALGORITHMS = (
@@ -109,6 +109,10 @@ class JwtIssuerConfig:
     jwks_max_stale: float = 24 * 3600.0
     # Per-request timeout of an HTTPS fetch (the refresher thread's, never a request's).
     jwks_timeout: float = 5.0
+    # Accept a token only from the mTLS peer it belongs to: its `cnf` `x5t#S256` (RFC 8705
+    # §3.1) must be the peer certificate's thumbprint, or (without `cnf`) its `sub` must be the
+    # peer's SPIFFE ID. A token copied off one workload is then useless from another.
+    bind_to_peer: bool = False
 
     def __post_init__(self) -> None:
         if not self.issuer:
@@ -190,6 +194,9 @@ class JwtVerifier:
             self._by_issuer[cfg.issuer] = cfg
         self._cache = LRUCache(maxsize=max(1, self.cache_size))
         self._lock = threading.Lock()
+
+    def issuer_config(self, issuer: str) -> JwtIssuerConfig | None:
+        return self._by_issuer.get(issuer)
 
     # -- extraction -----------------------------------------------------------------------
 
@@ -308,9 +315,9 @@ class JwtVerifier:
         trust_domain = cfg.trust_domain
         if cfg.jwt_svid:
             try:
-                sid = parse_spiffe_id(sub)
+                sid = parse_workload_id(sub)
             except SpiffeIdError as exc:
-                raise JwtError(f"JWT-SVID 'sub' is not a SPIFFE ID: {exc}") from None
+                raise JwtError(f"JWT-SVID 'sub' is not a SPIFFE ID of a workload: {exc}") from None
             if sid.trust_domain != cfg.trust_domain:
                 raise JwtError(
                     f"JWT-SVID trust domain {sid.trust_domain!r} does not belong to this issuer",
@@ -429,3 +436,34 @@ def json_depth_ok(text: str, max_depth: int) -> bool:
         elif ch in "]}":
             depth -= 1
     return True
+
+
+def check_peer_binding(
+    identity: Identity, peer_principal: str | None, peer_cert_sha256: str | None
+) -> None:
+    """Raise JwtError unless the token belongs to the mTLS peer that presented it.
+
+    `peer_principal` is the peer's verified SPIFFE ID (None when the peer has none);
+    `peer_cert_sha256` the lowercase hex SHA-256 of its certificate's DER (None when Envoy did
+    not forward it). A `cnf` `x5t#S256` is an explicit binding (RFC 8705 §3): when present it
+    must match, whatever the `sub`. Without `cnf`, the `sub` must be the peer itself.
+    """
+    cnf = identity.claims.get("cnf")
+    if cnf is not None:
+        thumbprint = cnf.get("x5t#S256") if isinstance(cnf, Mapping) else None
+        if not isinstance(thumbprint, str):
+            raise JwtError("token 'cnf' has no x5t#S256 certificate thumbprint")
+        if peer_cert_sha256 is None:
+            raise JwtError(
+                "token is bound to a certificate (cnf x5t#S256) but no peer certificate was "
+                "forwarded to compare it with"
+            )
+        want = base64.urlsafe_b64encode(bytes.fromhex(peer_cert_sha256)).rstrip(b"=").decode()
+        if thumbprint != want:
+            raise JwtError("token cnf x5t#S256 does not match the mTLS peer certificate")
+        return
+    if peer_principal is None or identity.subject != peer_principal:
+        raise JwtError(
+            "token is bound to the mTLS peer: it has no cnf x5t#S256 and its sub is not the "
+            "peer's SPIFFE ID"
+        )

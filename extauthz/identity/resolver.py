@@ -25,10 +25,22 @@ from extauthz.identity.jwt import (
     JwtIssuerConfig,
     JwtVerifier,
     KeyProvider,
+    check_peer_binding,
 )
-from extauthz.identity.spiffe import SpiffeIdError, check_trust_domain_name, parse_spiffe_id
-from extauthz.identity.x509svid import CertCache, CertificateError, check_svid
-from extauthz.identity.xfcc import DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_LENGTH, XfccError, parse_xfcc
+from extauthz.identity.spiffe import SpiffeIdError, check_trust_domain_name, parse_workload_id
+from extauthz.identity.x509svid import (
+    CertCache,
+    CertificateError,
+    check_forwarded_certificate,
+    check_svid,
+)
+from extauthz.identity.xfcc import (
+    DEFAULT_MAX_ELEMENTS,
+    DEFAULT_MAX_LENGTH,
+    XfccError,
+    parse_xfcc,
+    trusted_element,
+)
 from extauthz.model import Identity, IdentityFailure, IdentitySource, Reason, Request
 
 if TYPE_CHECKING:
@@ -77,7 +89,7 @@ class IdentityConfig:
         for td in self.trust_domains:
             check_trust_domain_name(td)
         for proxy in self.trusted_proxies:
-            parse_spiffe_id(proxy)
+            parse_workload_id(proxy)
         for issuer in self.jwt_issuers:
             if (
                 issuer.jwt_svid
@@ -166,6 +178,10 @@ class MtlsSource:
         self._require_cert = config.require_peer_certificate
         self._certs = cert_cache if cert_cache is not None else CertCache(config.cert_cache_size)
 
+    @property
+    def certs(self) -> CertCache:
+        return self._certs
+
     def resolve(
         self, request: Request, now: float, notes: list[str] | None = None
     ) -> Identity | IdentityFailure | None:
@@ -191,7 +207,7 @@ class MtlsSource:
                     IdentitySource.MTLS,
                 )
             try:
-                sid = parse_spiffe_id(principal)
+                sid = parse_workload_id(principal)
             except SpiffeIdError as exc:
                 # Envoy falls back to a DNS SAN or the subject DN when the certificate has no
                 # URI SAN: such a principal is not a workload identity.
@@ -239,25 +255,21 @@ class XfccSource:
             )
         except XfccError as exc:
             return _fail(Reason.INVALID_IDENTITY, f"malformed XFCC: {exc}", IdentitySource.XFCC)
-        uris = elements[-1].values("uri")
-        if len(uris) != 1:
-            return _fail(
-                Reason.INVALID_IDENTITY,
-                f"XFCC element must carry exactly one URI, has {len(uris)}",
-                IdentitySource.XFCC,
-            )
         try:
-            sid = parse_spiffe_id(uris[0])
-        except SpiffeIdError as exc:
-            return _fail(
-                Reason.INVALID_IDENTITY, f"XFCC URI is not a SPIFFE ID: {exc}", IdentitySource.XFCC
-            )
+            element = trusted_element(elements, peer.principal)
+            cert_expiry = check_forwarded_certificate(self._mtls.certs, element, now)
+        except (XfccError, CertificateError) as exc:
+            return _fail(Reason.INVALID_IDENTITY, f"XFCC binding: {exc}", IdentitySource.XFCC)
+        expiry = peer.expires_at
+        if cert_expiry is not None:
+            expiry = cert_expiry if expiry is None else min(expiry, cert_expiry)
         return Identity(
-            principal=uris[0],
+            principal=element.uri,
             source=IdentitySource.XFCC,
-            trust_domain=sid.trust_domain,
-            # The forwarded statement is only as good as the proxy's own credential.
-            expires_at=peer.expires_at,
+            trust_domain=element.spiffe_id.trust_domain,
+            # The forwarded statement is only as good as the proxy's own credential (and the
+            # forwarded certificate, when there is one).
+            expires_at=expiry,
             claims=MappingProxyType({"proxy": peer.principal}),
         )
 
@@ -265,8 +277,10 @@ class XfccSource:
 class JwtSource:
     name = "jwt"
 
-    def __init__(self, verifier: JwtVerifier) -> None:
+    def __init__(self, verifier: JwtVerifier, mtls: MtlsSource | None = None) -> None:
         self._verifier = verifier
+        # The peer a token may be bound to (issuers with bind_to_peer).
+        self._mtls = mtls if mtls is not None else MtlsSource(IdentityConfig())
 
     @property
     def header(self) -> str:
@@ -279,9 +293,26 @@ class JwtSource:
             token = self._verifier.extract(request.headers)
             if token is None:
                 return None
-            return self._verifier.verify(token, now)
+            identity = self._verifier.verify(token, now)
+            cfg = self._verifier.issuer_config(identity.issuer)
+            if cfg is not None and cfg.bind_to_peer:
+                self._check_bound(identity, request, now)
+            return identity
         except JwtError as exc:
             return IdentityFailure(exc.reason, exc.detail, IdentitySource.JWT, exc.presented)
+
+    def _check_bound(self, identity: Identity, request: Request, now: float) -> None:
+        """Checked on every request, never cached: the same token from another peer fails."""
+        peer = self._mtls.resolve(request, now)
+        sha256: str | None = None
+        if request.peer_certificate:
+            try:
+                sha256 = self._mtls.certs.facts(request.peer_certificate).sha256
+            except CertificateError as exc:
+                raise JwtError(f"token is bound to the mTLS peer: {exc}") from None
+        check_peer_binding(
+            identity, peer.principal if isinstance(peer, Identity) else None, sha256
+        )
 
 
 # Entries of the per-resolver memo of certificate-less mTLS answers (see IdentityResolver).
@@ -381,7 +412,7 @@ class IdentityResolver:
                 cache_size=config.jwt_cache_size,
                 revoked_token_ids=config.revoked_token_ids,
             )
-            available["jwt"] = JwtSource(verifier)
+            available["jwt"] = JwtSource(verifier, mtls)
         sources = [available[name] for name in config.order if name in available]
         return cls(sources, config, owned, memo_size=memo_size)
 

@@ -49,6 +49,21 @@ def parse_spiffe_id(value: str) -> SpiffeId:
     return SpiffeId(trust_domain, path)
 
 
+def parse_workload_id(value: str) -> SpiffeId:
+    """Parse a SPIFFE ID that names a *workload*: one with a non-empty path.
+
+    `spiffe://td` is a valid SPIFFE ID, but it names the trust domain itself (signing
+    authorities carry it), never a workload: X509-SVID §3.1/§5.2 require validators to reject
+    a leaf whose ID has no path. Every channel that yields a caller identity (peer certificate,
+    source principal, XFCC `URI=`, JWT-SVID `sub`) parses with this, so a policy granting
+    `"*"` or a trust-domain pattern can never be satisfied by a trust domain posing as a caller.
+    """
+    sid = parse_spiffe_id(value)
+    if not sid.path:
+        raise SpiffeIdError("SPIFFE ID has no path: it names a trust domain, not a workload")
+    return sid
+
+
 def check_trust_domain_name(name: str) -> str:
     """Validate a bare trust domain name (as written in configuration); return it."""
     _check_trust_domain(name)

@@ -1,8 +1,14 @@
 """X509-SVID checks on the peer certificate Envoy forwards (`attributes.source.certificate`).
 
 Envoy has already verified the chain and the handshake; what is left for us is to make sure the
-certificate is a *workload* certificate whose single SPIFFE ID is the principal Envoy reported:
-exactly one URI SAN, equal to the principal, a leaf (not a CA), and valid at `now`.
+certificate is a *workload* certificate whose single SPIFFE ID is the principal Envoy reported.
+The leaf rules of the X509-SVID standard, checked in this order:
+- exactly one URI SAN (§2), equal to the principal, a SPIFFE ID with a path (§3.1, §5.2);
+- not a CA: BasicConstraints cA false or absent (§4.1);
+- a key usage extension is present (§4.3: "MUST be present"); without it the certificate could
+  be used for anything, including signing other certificates in lax validators;
+- no keyCertSign and no cRLSign (§4.3, §5.2), and digitalSignature set (§4.3);
+- valid at `now`.
 
 Parsing costs tens of microseconds, so the immutable facts extracted from a certificate are
 kept in a small bounded LRU keyed by the SHA-256 of the encoded certificate string. Checks that
@@ -18,8 +24,10 @@ from urllib.parse import unquote
 
 from cachetools import LRUCache
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
+from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, parse_workload_id
+from extauthz.identity.xfcc import TrustedElement
 
 # A leaf PEM is ~1-3 KB; URL-encoding roughly doubles it. Anything far larger is not a leaf.
 MAX_ENCODED_CERT_LENGTH = 64 * 1024
@@ -36,9 +44,13 @@ class CertFacts:
 
     uri_sans: tuple[str, ...]
     is_ca: bool
-    can_sign_certs: bool
+    # None when the certificate has no key usage extension at all.
+    key_usage: x509.KeyUsage | None
     not_before: float
     not_after: float
+    # Lowercase hex SHA-256 of the DER encoding: what Envoy writes as XFCC `Hash=` and what
+    # RFC 8705 `x5t#S256` is the base64url form of.
+    sha256: str = ""
 
 
 def parse_certificate(encoded: str) -> CertFacts:
@@ -67,17 +79,21 @@ def parse_certificate(encoded: str) -> CertFacts:
         is_ca = bool(bc.ca)
     except x509.ExtensionNotFound:
         is_ca = False
+    except ValueError as exc:
+        raise CertificateError(f"peer certificate has malformed basic constraints: {exc}") from None
     try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-        can_sign = bool(ku.key_cert_sign or ku.crl_sign)
+        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
-        can_sign = False
+        ku = None
+    except ValueError as exc:
+        raise CertificateError(f"peer certificate has a malformed key usage: {exc}") from None
     return CertFacts(
         uri_sans=uris,
         is_ca=is_ca,
-        can_sign_certs=can_sign,
+        key_usage=ku,
         not_before=cert.not_valid_before_utc.timestamp(),
         not_after=cert.not_valid_after_utc.timestamp(),
+        sha256=hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
     )
 
 
@@ -91,11 +107,22 @@ def check_svid(facts: CertFacts, principal: str, now: float) -> SpiffeId:
     if uri != principal:
         raise CertificateError("peer certificate URI SAN differs from the reported principal")
     try:
-        sid = parse_spiffe_id(uri)
+        sid = parse_workload_id(uri)
     except SpiffeIdError as exc:
-        raise CertificateError(f"peer certificate URI SAN is not a SPIFFE ID: {exc}") from None
-    if facts.is_ca or facts.can_sign_certs:
+        raise CertificateError(
+            f"peer certificate URI SAN is not a SPIFFE ID of a workload: {exc}"
+        ) from None
+    if facts.is_ca:
         raise CertificateError("peer certificate is a CA certificate, not a leaf SVID")
+    ku = facts.key_usage
+    if ku is None:
+        raise CertificateError("peer certificate has no key usage extension: not an X509-SVID")
+    if ku.key_cert_sign or ku.crl_sign:
+        raise CertificateError(
+            "peer certificate may sign certificates or CRLs (keyCertSign/cRLSign): not a leaf SVID"
+        )
+    if not ku.digital_signature:
+        raise CertificateError("peer certificate lacks the digitalSignature key usage")
     if now < facts.not_before:
         raise CertificateError("peer certificate is not yet valid")
     if now >= facts.not_after:
@@ -129,3 +156,45 @@ class CertCache:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+_PEM_END_ENCODED = "-----END%20CERTIFICATE-----"
+
+
+def check_forwarded_certificate(
+    certs: CertCache, element: TrustedElement, now: float
+) -> float | None:
+    """Bind an XFCC element's `Cert=`/`Chain=`/`Hash=` to its `URI=`; return the forwarded
+    certificate's notAfter (None when only a hash was forwarded).
+
+    Envoy writes `Hash=` as the lowercase hex SHA-256 of the peer leaf's DER, `Cert=` as that
+    leaf URL-encoded, and `Chain=` as the whole chain, leaf first. When they are present they
+    must all describe one certificate, and that certificate must be an X509-SVID whose single
+    URI SAN is the element's `URI=`: otherwise something between the client and us rewrote
+    part of the element (or a SAN injected it), and none of it can be trusted.
+    """
+    cert = element.cert
+    if element.chain:
+        chain = element.chain
+        if cert:
+            if not chain.startswith(cert):
+                raise CertificateError("XFCC Chain= does not start with the Cert= certificate")
+        else:
+            end = chain.find(_PEM_END_ENCODED)
+            if end < 0:
+                raise CertificateError("XFCC Chain= holds no complete certificate")
+            end += len(_PEM_END_ENCODED)
+            cert = chain[: end + 3] if chain[end : end + 3].upper() == "%0A" else chain[:end]
+    if not cert:
+        return None
+    try:
+        facts = certs.facts(cert)
+    except CertificateError as exc:
+        raise CertificateError(f"XFCC certificate: {exc}") from None
+    if element.hash and facts.sha256 != element.hash:
+        raise CertificateError("XFCC Hash= is not the SHA-256 of the forwarded certificate")
+    try:
+        check_svid(facts, element.uri, now)
+    except CertificateError as exc:
+        raise CertificateError(f"XFCC certificate does not match URI=: {exc}") from None
+    return facts.not_after

@@ -1,34 +1,60 @@
-"""A strict, quote-aware parser for Envoy's `x-forwarded-client-cert` header.
+"""A strict parser for Envoy's `x-forwarded-client-cert` header, and the rules that decide
+which element (if any) a trusted proxy vouches for.
 
-Format (Envoy docs): elements separated by `,`, each element a `;`-separated list of
-`key=value` pairs; keys are case-insensitive; a value containing `,`, `;` or `=` is double-quoted
-and a `"` inside a quoted value is written `\\"`. A client certificate's Subject is chosen by
-whoever requested the certificate, so a naive `split(",")` lets a Subject such as
-`"CN=x,URI=spiffe://td/admin"` forge an element: this parser never splits inside quotes and
-rejects anything ambiguous (unterminated quotes, stray quotes, unquoted `=`, control characters,
-empty elements or pairs, repeated single-valued keys) instead of guessing.
+Format as Envoy writes it (docs: http_conn_man/headers.rst; writer:
+`ConnectionManagerUtility::mutateXfccRequestHeader`): elements separated by `,`, each element a
+`;`-separated list of `key=value` pairs, keys case-insensitive. `Subject`, `Cert` and `Chain` are
+written double-quoted; `By`, `Hash`, `URI` and `DNS` are written *raw and unescaped* (Envoy has
+a TODO about it). So:
+
+* a quoted value can hold anything; its closing quote is the first `"` preceded by an even
+  number of backslashes. The text between the quotes is kept verbatim: a Subject is an RFC 2253
+  string with its own escapes (`\\,` `\\+` `\\"` `\\\\` `\\C3\\AB`), decoded by `parse_rfc2253`;
+* a raw value ends at the next `,` or `;` and is *not trimmed*: `URI=spiffe://td/a ` is not
+  `spiffe://td/a`. A raw value holding `"`, `=` or `\\` is ambiguous (no SPIFFE ID, DNS name or
+  hex hash contains one) and the header is rejected;
+* `By`, `Hash`, `URI` and `DNS` must be raw: a quoted `URI="spiffe://td/a"` could only come from
+  a certificate whose SAN itself contains quotes, so unquoting it would forge an identity.
+
+A client chooses its certificate's Subject and (with a lax CA) its SANs, so this parser never
+splits inside quotes and rejects anything ambiguous (unterminated quotes, unquoted `=`, control
+characters, empty elements or pairs, repeated single-valued keys) instead of guessing.
+`trusted_element` then applies the binding rules to the rightmost element.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, parse_workload_id
+
 DEFAULT_MAX_LENGTH = 16 * 1024
 DEFAULT_MAX_ELEMENTS = 16
-# Keys Envoy may repeat inside one element (one pair per SAN).
-_MULTI_VALUED = frozenset({"uri", "dns"})
+# Keys Envoy repeats inside one element: one pair per SAN (URI, DNS) or per URI SAN of its
+# own certificate (By).
+_MULTI_VALUED = frozenset({"uri", "dns", "by"})
+# Keys Envoy writes raw; a quoted one did not come from Envoy's writer.
+_RAW_ONLY = frozenset({"by", "hash", "uri", "dns"})
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _OWS = " \t"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# The order in which Envoy writes the pairs of its own element (mutateXfccRequestHeader, with
+# the details in the order HttpConnectionManagerConfig lists them). URI and DNS come last and
+# are the only unescaped values a client controls, so a pair out of this order, or a key
+# Envoy never writes, can only have been injected through a SAN.
+_ENVOY_ORDER = {"by": 0, "hash": 1, "cert": 2, "chain": 3, "subject": 4, "uri": 5, "dns": 6}
 
 
 class XfccError(ValueError):
-    """The header is malformed; the message says how."""
+    """The header is malformed, or its binding does not hold; the message says how."""
 
 
 @dataclass(frozen=True, slots=True)
 class XfccElement:
-    """One proxy's statement about the client certificate it saw. Keys are lowercase."""
+    """One proxy's statement about the client certificate it saw. Keys are lowercase; values
+    are exactly as written (quoted values without their quotes, escapes kept)."""
 
     pairs: tuple[tuple[str, str], ...]
 
@@ -65,9 +91,10 @@ def parse_xfcc(
     while True:
         i = _skip_ows(header, i)
         key, i = _read_key(header, i)
-        value, i = _read_value(header, i)
+        value, quoted, i = _read_value(header, i)
+        if quoted and key in _RAW_ONLY:
+            raise XfccError(f"{key.upper()} value is quoted; Envoy writes it raw")
         pairs.append((key, value))
-        i = _skip_ows(header, i)
         if i >= n or header[i] == ",":
             elements.append(_element(pairs))
             pairs = []
@@ -75,9 +102,7 @@ def parse_xfcc(
                 raise XfccError(f"more than {max_elements} elements")
             if i >= n:
                 return tuple(elements)
-        elif header[i] != ";":  # pragma: no cover - _read_value stops only at , ; or end
-            raise XfccError(f"unexpected {header[i]!r} at offset {i}")
-        i += 1
+        i += 1  # past the , or ;
         if _skip_ows(header, i) >= n:
             raise XfccError("header ends with a separator")
 
@@ -99,36 +124,35 @@ def _read_key(s: str, i: int) -> tuple[str, int]:
     return s[start:i].lower(), i + 1
 
 
-def _read_value(s: str, i: int) -> tuple[str, int]:
+def _read_value(s: str, i: int) -> tuple[str, bool, int]:
+    """(value, was it quoted, offset of the following `,` `;` or end)."""
     n = len(s)
     if i < n and s[i] == '"':
-        out: list[str] = []
-        i += 1
+        start = i + 1
+        i = start
         while True:
             if i >= n:
                 raise XfccError("unterminated quoted value")
             ch = s[i]
             if ch == "\\":
-                if i + 1 >= n or s[i + 1] not in '"\\':
-                    raise XfccError(f"invalid escape in quoted value at offset {i}")
-                out.append(s[i + 1])
-                i += 2
+                if i + 1 >= n:
+                    raise XfccError("unterminated quoted value")
+                i += 2  # an escaped character never ends the value
                 continue
             if ch == '"':
-                i += 1
                 break
-            out.append(ch)
             i += 1
-        j = _skip_ows(s, i)
-        if j < n and s[j] not in ",;":
+        value = s[start:i]
+        i = _skip_ows(s, i + 1)
+        if i < n and s[i] not in ",;":
             raise XfccError(f"unexpected text after quoted value at offset {i}")
-        return "".join(out), i
+        return value, True, i
     start = i
     while i < n and s[i] not in ",;":
         if s[i] in '"=\\':
             raise XfccError(f"unquoted value contains {s[i]!r} at offset {i}")
         i += 1
-    return s[start:i].rstrip(_OWS), i
+    return s[start:i], False, i
 
 
 def _element(pairs: list[tuple[str, str]]) -> XfccElement:
@@ -138,3 +162,142 @@ def _element(pairs: list[tuple[str, str]]) -> XfccElement:
             raise XfccError(f"key {key!r} repeated in one element")
         seen.add(key)
     return XfccElement(tuple(pairs))
+
+
+# -- which element a trusted proxy vouches for ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedElement:
+    """The rightmost element, once its structure binds it to the forwarding proxy.
+
+    `hash`, `cert` and `chain` are as written ("" when absent); whether the certificate agrees
+    with them and with `uri` is checked by `x509svid.check_forwarded_certificate`."""
+
+    spiffe_id: SpiffeId
+    uri: str
+    hash: str
+    cert: str
+    chain: str
+    subject: str | None
+
+
+def trusted_element(elements: tuple[XfccElement, ...], proxy: str) -> TrustedElement:
+    """The client identity the proxy `proxy` (the verified peer that sent the header) vouches
+    for, or XfccError saying which rule failed.
+
+    Envoy appends its element on the right, with `By=` naming its own certificate's URI SAN,
+    then `Hash=`, then the peer certificate's details, `URI=`/`DNS=` last and unescaped. A
+    client whose SAN holds `,` or `;` can therefore append text that parses as further pairs or
+    elements. Such text either lacks `By=<proxy>` in the rightmost element, or repeats a
+    single-valued key or `URI=`, or makes an element to the left also claim `By=<proxy>`, or
+    puts a pair out of the order Envoy writes them in (`Subject=` after `URI=`), or adds a key
+    Envoy never writes — each of which is refused here. Only the rightmost element is read;
+    elements to its left came from further away and are not trusted.
+    """
+    last = elements[-1]
+    rank = 0
+    for key, _ in last.pairs:
+        at = _ENVOY_ORDER.get(key)
+        if at is None:
+            raise XfccError(f"the rightmost element has {key.upper()}=, which Envoy never writes")
+        if at < rank:
+            raise XfccError(
+                f"the rightmost element has {key.upper()}= after URI/DNS or out of Envoy's "
+                "order (a SAN with ';' may have injected it)"
+            )
+        rank = at
+    by = last.values("by")
+    if not by:
+        raise XfccError("the rightmost element has no By= naming the forwarding proxy")
+    if proxy not in by:
+        raise XfccError("the rightmost element's By= is not the forwarding proxy's identity")
+    for earlier in elements[:-1]:
+        if proxy in earlier.values("by"):
+            raise XfccError(
+                "an element left of the rightmost also names the forwarding proxy in By= "
+                "(a SAN with ',' may have injected an element)"
+            )
+    uris = last.values("uri")
+    if len(uris) != 1:
+        raise XfccError(f"XFCC element must carry exactly one URI, has {len(uris)}")
+    try:
+        sid = parse_workload_id(uris[0])
+    except SpiffeIdError as exc:
+        raise XfccError(f"XFCC URI is not a SPIFFE ID of a workload: {exc}") from None
+    digest = last.get("hash") or ""
+    if "hash" in last.as_dict() and not _SHA256_HEX.fullmatch(digest):
+        raise XfccError("XFCC Hash= is not a lowercase hex SHA-256")
+    return TrustedElement(
+        spiffe_id=sid,
+        uri=uris[0],
+        hash=digest,
+        cert=last.get("cert") or "",
+        chain=last.get("chain") or "",
+        subject=last.get("subject"),
+    )
+
+
+# -- RFC 2253 subjects, as Envoy prints them --------------------------------------------------
+
+_RFC2253_SPECIAL = frozenset(',+"\\<>;=# ')
+_HEXDIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def parse_rfc2253(text: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """Decode a distinguished name in RFC 2253 string form into RDNs of (type, value), in the
+    order written. `\\X` for a special character and `\\HH` hex pairs (UTF-8 bytes) are
+    decoded; anything else is an error (ValueError) rather than a guess."""
+    rdns: list[tuple[tuple[str, str], ...]] = []
+    if text == "":
+        return ()
+    i, n = 0, len(text)
+    rdn: list[tuple[str, str]] = []
+    while True:
+        eq = text.find("=", i)
+        if eq <= i:
+            raise ValueError(f"attribute without a type at offset {i}")
+        attr = text[i:eq]
+        if any(ch in ',+"\\;<>' for ch in attr):
+            raise ValueError(f"malformed attribute type at offset {i}")
+        value, i = _rfc2253_value(text, eq + 1)
+        rdn.append((attr, value))
+        if i >= n:
+            rdns.append(tuple(rdn))
+            return tuple(rdns)
+        if text[i] == ",":
+            rdns.append(tuple(rdn))
+            rdn = []
+        i += 1  # past , or +
+        if i >= n:
+            raise ValueError("distinguished name ends with a separator")
+
+
+def _rfc2253_value(text: str, i: int) -> tuple[str, int]:
+    out = bytearray()
+    n = len(text)
+    while i < n and text[i] not in ",+":
+        ch = text[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise ValueError("dangling backslash")
+            nxt = text[i + 1]
+            if nxt in _HEXDIGITS:
+                if i + 2 >= n or text[i + 2] not in _HEXDIGITS:
+                    raise ValueError(f"bad hex escape at offset {i}")
+                out.append(int(text[i + 1 : i + 3], 16))
+                i += 3
+                continue
+            if nxt not in _RFC2253_SPECIAL:
+                raise ValueError(f"bad escape at offset {i}")
+            out += nxt.encode()
+            i += 2
+            continue
+        if ch in '"<>;':
+            raise ValueError(f"unescaped {ch!r} at offset {i}")
+        out += ch.encode("utf-8")
+        i += 1
+    try:
+        return out.decode("utf-8"), i
+    except UnicodeDecodeError:
+        raise ValueError("escaped bytes are not UTF-8") from None

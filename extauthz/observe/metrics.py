@@ -151,7 +151,7 @@ class Sources:
     """What the collector reads at scrape time; every part is optional."""
 
     metrics: CheckMetrics | None = None
-    app: Any = None  # extauthz.transport.grpc_server.App
+    app: Any = None  # extauthz.app.App
     decision_log: Any = None  # extauthz.observe.decision_log.DecisionLog
     span_processor: Any = None  # extauthz.observe.tracing.BoundedSpanProcessor
     key_caches: Callable[[], Iterable[Any]] = field(default=lambda: ())
@@ -312,7 +312,7 @@ def _app_metrics(app: Any) -> Iterator[Metric]:
             )
             revocation.add_metric([revoked_version], 1)
             yield revocation
-    stats = getattr(getattr(app, "servicer", None), "stats", None)
+    stats = getattr(app, "stats", None)
     if stats is not None:
         yield _counter(
             "extauthz_check_errors",

@@ -3,7 +3,7 @@
     obs = build_observers(settings)
     app = build_app(settings, observers=obs.observers)
     obs.attach(app)          # metrics read the app's cache/policy store; endpoint starts
-    try: ... serve(app) ...
+    try: ... serve(app, transports) ...
     finally: obs.close()     # flush decision log and queued spans
 
 The three parts share one observer (`DecisionObserver`) so that a decision-log line carries

@@ -2,7 +2,10 @@
 
 The rule (documented in docs/policy.md):
 1. The path must be in origin form (start with `/`); anything else is ambiguous.
-2. The query and fragment are cut off.
+2. The query is cut off. A fragment (`#` anywhere) is ambiguous: clients never send one and
+   Envoy strips it before ext_authz, so a raw path that still has one
+   (`/api/items#/../../admin`) was made by hand, and servers disagree on whether the part
+   after `#` is routed.
 3. Control characters, whitespace and backslashes are ambiguous.
 4. Percent-encoded unreserved characters (RFC 3986: letters, digits, `-._~`) are decoded;
    an encoded `/` (`%2F`), `\\` (`%5C`), NUL, a control character or a malformed escape is
@@ -31,12 +34,10 @@ def normalize_path(raw: str) -> str | None:
     """Return the canonical path, or None when the path is ambiguous and must be denied."""
     if not raw.startswith("/") or len(raw) > MAX_PATH_LENGTH:
         return None
-    end = len(raw)
-    for stop in ("?", "#"):
-        pos = raw.find(stop)
-        if 0 <= pos < end:
-            end = pos
-    path = raw[:end]
+    if "#" in raw:
+        return None
+    end = raw.find("?")
+    path = raw if end < 0 else raw[:end]
     if "%" in path:
         decoded = _decode_unreserved(path)
         if decoded is None:

@@ -181,7 +181,7 @@ def test_xfcc_from_the_trusted_gateway(id_stack: tuple[DevStack, Path]) -> None:
     stack, _ = id_stack
     gateway = stack.issue_svid(GATEWAY)
     # Left of the gateway's own (rightmost) element is what the client sent: never trusted.
-    header = (f"URI={CHECKOUT},By={GATEWAY};Hash=ab;"
+    header = (f"URI={CHECKOUT},By={GATEWAY};Hash={'ab' * 32};"
               f'Subject="CN=x,URI=spiffe://demo.local/ns/shop/sa/checkout";URI={ADMIN}')
     ok = stack.call(gateway, "GET", ORDERS, "/v1/admin/users", headers={XFCC: header})
     assert ok.status == 200, ok

@@ -549,16 +549,20 @@ def _check_request() -> Any:
 
 
 def _servicer(policy_source: Any) -> Any:
+    from extauthz.app import App
     from extauthz.decide.cache import DecisionCache
     from extauthz.decide.pipeline import Authorizer
     from extauthz.identity.resolver import IdentityConfig, IdentityResolver
+    from extauthz.settings import Settings
     from extauthz.transport.grpc_proto import ResponseOptions
     from extauthz.transport.grpc_server import AuthorizationServicer
 
     clock = lambda: 1_000_000.0  # noqa: E731
-    authorizer = Authorizer(policy_source, IdentityResolver.from_config(IdentityConfig()),
-                            DecisionCache(10, 60, clock), clock)
-    return AuthorizationServicer(authorizer, ResponseOptions())
+    resolver = IdentityResolver.from_config(IdentityConfig())
+    cache = DecisionCache(10, 60, clock)
+    authorizer = Authorizer(policy_source, resolver, cache, clock)
+    app = App(Settings(), policy_source, authorizer, cache, IdentityConfig(), resolver)
+    return AuthorizationServicer(app, ResponseOptions())
 
 
 def _denial(response: Any) -> tuple[int, int, dict[str, str]]:

@@ -99,21 +99,21 @@ def test_untrusted_trust_domain() -> None:
 def test_revoked_principal() -> None:
     r = resolver(revoked_principals=frozenset({ID}))
     failure(req(ID), Reason.REVOKED, "revoked", r)
-    failure(req(PROXY, **{XFCC: f"URI={ID}"}), Reason.REVOKED, "revoked", r)
+    failure(req(PROXY, **{XFCC: f"By={PROXY};URI={ID}"}), Reason.REVOKED, "revoked", r)
     r = resolver(revoked_principals=frozenset({PROXY}))
-    failure(req(PROXY, **{XFCC: f"URI={ID}"}), Reason.REVOKED, "proxy is revoked", r)
+    failure(req(PROXY, **{XFCC: f"By={PROXY};URI={ID}"}), Reason.REVOKED, "proxy is revoked", r)
 
 
 # -- XFCC ------------------------------------------------------------------------------------
 
 
 def test_xfcc_from_trusted_proxy() -> None:
-    header = f"URI=spiffe://{TD}/ns/admin,By={PROXY};Hash=ab;URI={CLIENT}"
+    header = f"URI=spiffe://{TD}/ns/admin,By={PROXY};Hash={'ab' * 32};URI={CLIENT}"
     found = resolve(req(PROXY, **{XFCC: header}))
     assert found.principal == CLIENT and found.source is IdentitySource.XFCC
     assert found.claims == {"proxy": PROXY}
     # The proxy's own certificate is still checked, and bounds the forwarded identity.
-    found = resolve(req(PROXY, make_cert((PROXY,)), **{XFCC: f"URI={CLIENT}"}))
+    found = resolve(req(PROXY, make_cert((PROXY,)), **{XFCC: f"By={PROXY};URI={CLIENT}"}))
     assert found.principal == CLIENT and found.expires_at == NOW + 3600
 
 
@@ -123,18 +123,18 @@ def test_xfcc_subject_injection_through_trusted_proxy() -> None:
 
 
 def test_xfcc_from_untrusted_peer_is_ignored_with_a_note() -> None:
-    found = resolve(req(ID, **{XFCC: f"URI={CLIENT}"}))
+    found = resolve(req(ID, **{XFCC: f"By={PROXY};URI={CLIENT}"}))
     assert found.principal == ID and found.source is IdentitySource.MTLS
     assert found.claims[NOTES_CLAIM] == (f"{XFCC} ignored: the peer is not a trusted proxy",)
-    detailed = resolver().resolve_detailed(req(**{XFCC: f"URI={CLIENT}"}), NOW)
+    detailed = resolver().resolve_detailed(req(**{XFCC: f"By={PROXY};URI={CLIENT}"}), NOW)
     assert detailed.result is None
     assert detailed.notes == (f"{XFCC} ignored: the peer has no verified mTLS identity",)
     # A trusted proxy with a bad certificate is not trusted: its own failure is the answer.
-    failure(req(PROXY, make_cert(), **{XFCC: f"URI={CLIENT}"}), Reason.INVALID_IDENTITY, "differs")
+    failure(req(PROXY, make_cert(), **{XFCC: f"By={PROXY};URI={CLIENT}"}), Reason.INVALID_IDENTITY, "differs")
 
 
 def test_xfcc_disabled_is_noted() -> None:
-    found = resolve(req(PROXY, **{XFCC: f"URI={CLIENT}"}), resolver(order=("jwt", "mtls")))
+    found = resolve(req(PROXY, **{XFCC: f"By={PROXY};URI={CLIENT}"}), resolver(order=("jwt", "mtls")))
     assert found.principal == PROXY
     assert found.claims[NOTES_CLAIM] == (f"{XFCC} ignored: XFCC is not enabled",)
 
@@ -142,12 +142,18 @@ def test_xfcc_disabled_is_noted() -> None:
 @pytest.mark.parametrize(
     ("header", "reason", "match"),
     [
-        (f"URI={CLIENT};URI=spiffe://{TD}/ns/admin", Reason.INVALID_IDENTITY, "has 2"),
-        (f"URI={CLIENT},By={PROXY};Hash=ab", Reason.INVALID_IDENTITY, "has 0"),
+        (f"By={PROXY};URI={CLIENT};URI=spiffe://{TD}/ns/admin", Reason.INVALID_IDENTITY, "has 2"),
+        (f"URI={CLIENT},By={PROXY};Hash={'ab' * 32}", Reason.INVALID_IDENTITY, "has 0"),
         ('Subject="unterminated;URI=x', Reason.INVALID_IDENTITY, "malformed XFCC"),
         ("URI=" + CLIENT + ";DNS=" + "a" * 20000, Reason.INVALID_IDENTITY, "longer than"),
-        ("URI=https://example.org/x", Reason.INVALID_IDENTITY, "not a SPIFFE ID"),
-        ("URI=spiffe://evil.org/x", Reason.UNTRUSTED_TRUST_DOMAIN, "evil.org"),
+        (f"By={PROXY};URI=https://example.org/x", Reason.INVALID_IDENTITY, "not a SPIFFE ID"),
+        (f"By={PROXY};URI=spiffe://evil.org/x", Reason.UNTRUSTED_TRUST_DOMAIN, "evil.org"),
+        (f"By={PROXY};URI=spiffe://{TD}", Reason.INVALID_IDENTITY, "no path"),
+        (f"By={PROXY};URI={CLIENT} ", Reason.INVALID_IDENTITY, "not a SPIFFE ID"),
+        (f"URI={CLIENT}", Reason.INVALID_IDENTITY, "no By="),
+        (f"By={CLIENT};URI={CLIENT}", Reason.INVALID_IDENTITY, "not the forwarding proxy"),
+        (f"By={PROXY};Hash=ab;URI={CLIENT}", Reason.INVALID_IDENTITY, "Hash= is not"),
+        (f'By={PROXY};URI="{CLIENT}"', Reason.INVALID_IDENTITY, "quoted"),
     ],
 )
 def test_xfcc_bad_headers_from_trusted_proxy(header: str, reason: Reason, match: str) -> None:
@@ -181,7 +187,7 @@ def test_order_is_configurable() -> None:
 
 
 def test_xfcc_wins_over_jwt_from_a_trusted_proxy() -> None:
-    found = resolve(req(PROXY, authorization=f"Bearer {token()}", **{XFCC: f"URI={CLIENT}"}))
+    found = resolve(req(PROXY, authorization=f"Bearer {token()}", **{XFCC: f"By={PROXY};URI={CLIENT}"}))
     assert found.principal == CLIENT
 
 
@@ -236,7 +242,7 @@ def test_the_challenge_follows_the_failing_source() -> None:
     expired = resolve(req(ID, make_cert(not_after=NOW - 1)))
     assert www_authenticate(expired).startswith('mTLS realm="extauthz", error="invalid_certificate"')
     assert www_authenticate(resolve(req("api.example.org"))).startswith("mTLS ")
-    bad_xfcc = resolve(req(PROXY, **{XFCC: f"URI={CLIENT};URI={ID}"}))
+    bad_xfcc = resolve(req(PROXY, **{XFCC: f"By={PROXY};URI={CLIENT};URI={ID}"}))
     assert www_authenticate(bad_xfcc).startswith("mTLS ")
     bad_jwt = resolve(req(ID, authorization=f"Bearer {token(aud='other')}"))
     assert www_authenticate(bad_jwt).startswith('Bearer realm="extauthz", error="invalid_token"')
@@ -334,8 +340,8 @@ def test_memo_is_bypassed_by_certificates_and_watched_headers() -> None:
     failure(req(ID, make_cert(not_after=NOW - 1)), Reason.INVALID_IDENTITY, "expired", r)
     failure(req(ID, authorization=f"Bearer {token(aud='x')}"), Reason.INVALID_IDENTITY, "aud", r)
     assert resolve(req(PROXY), r).principal == PROXY
-    assert resolve(req(PROXY, **{XFCC: f"URI={CLIENT}"}), r).principal == CLIENT
-    noted = resolve(req(ID, **{XFCC: f"URI={CLIENT}"}), r)
+    assert resolve(req(PROXY, **{XFCC: f"By={PROXY};URI={CLIENT}"}), r).principal == CLIENT
+    noted = resolve(req(ID, **{XFCC: f"By={PROXY};URI={CLIENT}"}), r)
     assert noted.claims[NOTES_CLAIM]
     assert NOTES_CLAIM not in resolve(req(ID), r).claims
     # A custom JWT header is watched too.
@@ -387,11 +393,11 @@ def test_certificate_answers_are_memoized_only_until_the_certificate_expires() -
 
 def test_ignored_xfcc_keeps_its_note_from_the_memo_and_a_trusted_proxy_bypasses_it() -> None:
     r = resolver()
-    headers = {XFCC: f"URI={CLIENT}"}
+    headers = {XFCC: f"By={PROXY};URI={CLIENT}"}
     for _ in range(2):
         noted = r.resolve(req(ID, make_cert(), **headers), NOW)
         assert noted.principal == ID and noted.claims[NOTES_CLAIM]
     assert NOTES_CLAIM not in r.resolve(req(ID, make_cert()), NOW).claims
     for _ in range(2):  # a trusted proxy's XFCC is read every time, never memoized
         assert r.resolve(req(PROXY, **headers), NOW).principal == CLIENT
-        assert r.resolve(req(PROXY, **{XFCC: f"URI={ID}"}), NOW).principal == ID
+        assert r.resolve(req(PROXY, **{XFCC: f"By={PROXY};URI={ID}"}), NOW).principal == ID

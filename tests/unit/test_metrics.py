@@ -121,7 +121,7 @@ def test_app_metrics_are_read_lazily_at_scrape_time() -> None:
     policy = compiled(RULES)
     cache = Cache()
     app = SimpleNamespace(cache=cache, store=Store(policy, reloads=2, reload_failures=1),
-                          servicer=SimpleNamespace(stats=SimpleNamespace(errors=4)))
+                          stats=SimpleNamespace(errors=4))
     jwks = SimpleNamespace(name="https://issuer.example", fetch_count=5, ready=True,
                            fetch_failures=1)
     dl = SimpleNamespace(written=10, dropped=1, sampled_out=2, write_errors=0, queued=0,
@@ -165,10 +165,10 @@ def test_real_jwks_caches_are_found_after_a_revocation_reload(tmp_path: Any) -> 
     import json
     from pathlib import Path
 
+    from extauthz.app import apply_revocations, build_app
     from extauthz.observe.wiring import _key_caches
     from extauthz.settings import Settings
     from extauthz.sources.jwks import JwksCache
-    from extauthz.transport.grpc_server import apply_revocations, build_app
 
     policy = Path(tmp_path) / "policy"
     policy.mkdir()
@@ -241,7 +241,7 @@ def test_every_metric_the_dashboard_queries_exists() -> None:
     m = CheckMetrics()
     m.observe(None, result(CHECKOUT), 0.001)
     app = SimpleNamespace(cache=Cache(), store=Store(compiled(RULES)),
-                          servicer=SimpleNamespace(stats=SimpleNamespace(errors=0)),
+                          stats=SimpleNamespace(errors=0),
                           revocation_failures=0, revocation_version="")
     jwks = SimpleNamespace(name="i", fetch_count=1, ready=True, fetch_failures=0,
                            last_error="")
@@ -266,7 +266,7 @@ def test_the_documented_scrape_and_metric_table_are_current() -> None:
     m.observe(None, result(CHECKOUT, Outcome.RATE_LIMITED, Reason.RATE_LIMITED,
                            LimitResult(False, 3, 0, 1.0, 1.0, backend_error=True)), 0.001)
     app = SimpleNamespace(cache=Cache(), store=Store(compiled(RULES)),
-                          servicer=SimpleNamespace(stats=SimpleNamespace(errors=0)),
+                          stats=SimpleNamespace(errors=0),
                           revocation_failures=0, revocation_version="v")
     jwks = SimpleNamespace(name="i", fetch_count=1, ready=True, fetch_failures=0, last_error="")
     dl = SimpleNamespace(written=0, dropped=0, sampled_out=0, write_errors=0, queued=0,

@@ -36,9 +36,9 @@ def test_classic_traversals_cannot_climb_from_public_into_admin() -> None:
         assert answer(raw)[0] is Reason.AMBIGUOUS_PATH, raw
 
 
-def test_query_and_fragment_cannot_smuggle_a_path() -> None:
+def test_query_cannot_smuggle_a_path_and_a_fragment_is_ambiguous() -> None:
     assert answer("/v1/public/a?/../../admin/users") == (Reason.ALLOWED, "public")
-    assert answer("/v1/public/a#/../../admin") == (Reason.ALLOWED, "public")
+    assert answer("/v1/public/a#/../../admin")[0] is Reason.AMBIGUOUS_PATH
     assert answer("/v1/admin%3F/../public/a")[0] is Reason.ALLOWED  # %3F is a literal char
 
 
@@ -70,11 +70,11 @@ def variants(draw: st.DrawFn) -> tuple[str, str]:
             out.append(draw(st.sampled_from([".", "%2e", "", "junk/..", "x/%2E%2e", "a/b/../.."])))
         out.append(_encode(seg, draw(st.booleans())) if draw(st.booleans()) else seg)
     path = "/" + "/".join(out)
-    path += draw(st.sampled_from(["", "?x=/../../admin", "#/../admin", "?a#b"]))
+    path += draw(st.sampled_from(["", "?x=/../../admin", "?a=b"]))
     return base, path
 
 
-_POISON = st.sampled_from(["%2F", "%2f", "%5C", "\\", "..;", ".;x", "%00", "%0A", " ", "%zz"])
+_POISON = st.sampled_from(["%2F", "%2f", "%5C", "\\", "..;", ".;x", "%00", "%0A", " ", "%zz", "#x"])
 
 
 @settings(max_examples=200, deadline=None)

@@ -41,7 +41,7 @@ def policy_dir(tmp_path: Path) -> Path:
 
 def metric_samples(store: PolicyStore) -> dict[str, float]:
     app = SimpleNamespace(cache=SimpleNamespace(hits=0, misses=0, size=0, maxsize=1), store=store,
-                          servicer=SimpleNamespace(stats=SimpleNamespace(errors=0)))
+                          stats=SimpleNamespace(errors=0))
     text = generate_latest(registry_for(Sources(app=app), process=False)).decode()
     return {s.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
             for f in text_string_to_metric_families(text) for s in f.samples}

@@ -29,6 +29,7 @@ def make_cert(
     dns: tuple[str, ...] = (),
     ca: bool | None = False,
     key_cert_sign: bool = False,
+    key_usage: frozenset[str] | None = frozenset({"digital_signature"}),
     not_before: float = NOW - 3600,
     not_after: float = NOW + 3600,
 ) -> str:
@@ -48,22 +49,21 @@ def make_cert(
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if ca is not None:
         builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
-    builder = builder.add_extension(
-        x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=key_cert_sign,
-            crl_sign=False,
-            encipher_only=False,
-            decipher_only=False,
-        ),
-        critical=True,
-    )
+    if key_usage is not None:
+        bits = set(key_usage) | ({"key_cert_sign"} if key_cert_sign else set())
+        builder = builder.add_extension(key_usage_of(bits), critical=True)
     cert = builder.sign(_KEY, hashes.SHA256())
     return quote(cert.public_bytes(serialization.Encoding.PEM).decode())
+
+
+KEY_USAGE_BITS = ("digital_signature", "content_commitment", "key_encipherment",
+                  "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign")
+
+
+def key_usage_of(bits: set[str] | frozenset[str]) -> x509.KeyUsage:
+    assert bits <= set(KEY_USAGE_BITS), bits
+    return x509.KeyUsage(**{b: b in bits for b in KEY_USAGE_BITS},
+                         encipher_only=False, decipher_only=False)
 
 
 def verify(encoded: str, principal: str = ID, now: float = NOW) -> str:
@@ -79,8 +79,51 @@ def test_ca_certificate_is_not_a_leaf() -> None:
 
 
 def test_key_cert_sign_is_not_a_leaf() -> None:
-    with pytest.raises(CertificateError, match="CA certificate"):
+    with pytest.raises(CertificateError, match="keyCertSign/cRLSign"):
         verify(make_cert(ca=None, key_cert_sign=True))
+
+
+def test_crl_sign_is_not_a_leaf() -> None:
+    # X509-SVID §4.3: a leaf MUST NOT set cRLSign, even with digitalSignature and cA false.
+    with pytest.raises(CertificateError, match="keyCertSign/cRLSign"):
+        verify(make_cert(key_usage=frozenset({"digital_signature", "crl_sign"})))
+
+
+def test_missing_key_usage_extension_is_not_an_svid() -> None:
+    # §4.3: the extension MUST be present; a certificate without one is usable for anything.
+    with pytest.raises(CertificateError, match="no key usage extension"):
+        verify(make_cert(key_usage=None))
+
+
+@pytest.mark.parametrize("bits", [{"key_encipherment"}, {"key_agreement"}, set()])
+def test_leaf_without_digital_signature_is_rejected(bits: set[str]) -> None:
+    with pytest.raises(CertificateError, match="digitalSignature"):
+        verify(make_cert(key_usage=frozenset(bits)))
+
+
+def test_leaf_with_extra_allowed_key_usages_is_accepted() -> None:
+    # §4.3 allows keyEncipherment and keyAgreement next to digitalSignature (go-spiffe's own
+    # testdata leaves carry exactly these three).
+    bits = frozenset({"digital_signature", "key_encipherment", "key_agreement"})
+    assert verify(make_cert(key_usage=bits)) == ID
+
+
+@pytest.mark.parametrize("uri", ["spiffe://prod.example.org", "spiffe://prod.example.org/"])
+def test_leaf_id_without_a_path_is_not_a_workload(uri: str) -> None:
+    # X509-SVID §5.2: validators MUST reject a leaf whose SPIFFE ID has no (non-root) path.
+    with pytest.raises(CertificateError, match="not a SPIFFE ID of a workload"):
+        verify(make_cert((uri,)), principal=uri)
+
+
+def test_facts_carry_the_der_sha256() -> None:
+    enc = make_cert()
+    from urllib.parse import unquote
+
+    der = x509.load_pem_x509_certificate(unquote(enc).encode()).public_bytes(
+        serialization.Encoding.DER)
+    import hashlib
+
+    assert parse_certificate(enc).sha256 == hashlib.sha256(der).hexdigest()
 
 
 def test_two_uri_sans() -> None:
