@@ -33,6 +33,7 @@ from extauthz.decide.ratelimit import InProcessLimiter, Limiter, LocalLimiter
 from extauthz.identity.resolver import IdentityConfig, IdentityResolver
 from extauthz.model import Decision, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError
+from extauthz.sources.jwks import KeySets
 from extauthz.sources.policy_store import PolicyStore
 from extauthz.sources.revocation import RevocationError, fingerprint, load_revocations
 
@@ -81,8 +82,9 @@ class App:
     authorizer: Authorizer
     cache: DecisionCache
     identity_config: IdentityConfig
-    # The resolver built at start-up: it owns the JWKS caches and their refresher threads.
-    identity_root: IdentityResolver
+    # The one owner of the JWKS caches and their refresher threads (the identity core only
+    # reads them; a revocation reload builds a new resolver over the same key sets).
+    keys: KeySets
     observers: tuple[CheckObserver, ...] = ()
     stats: Stats = field(default_factory=Stats)
     clock: Callable[[], float] = time.perf_counter
@@ -141,12 +143,16 @@ def build_app(
         raise SettingsError("policy: a policy directory is required (--policy DIR)")
     store = PolicyStore(settings.policy)
     identity_config = identity_config_from(settings)
-    identity = IdentityResolver.from_config(identity_config)
+    try:
+        keys = KeySets.for_issuers(identity_config.jwt_issuers)
+        identity = IdentityResolver.from_config(identity_config, keys=keys.providers)
+    except ValueError as exc:
+        raise SettingsError(f"identity: {exc}") from None
     cache = DecisionCache(settings.cache_size, settings.cache_ttl, clock)
     if limiter is None:
         limiter = _limiter(settings, clock)
     authorizer = Authorizer(store, identity, cache, clock, limiter)
-    return App(settings, store, authorizer, cache, identity_config, identity, tuple(observers))
+    return App(settings, store, authorizer, cache, identity_config, keys, tuple(observers))
 
 
 def strip_headers_of(settings: Settings) -> tuple[str, ...]:
@@ -194,8 +200,8 @@ def apply_revocations(app: App) -> bool:
         revoked_principals=base.revoked_principals | revoked.principals,
         revoked_token_ids=base.revoked_token_ids | revoked.token_ids,
     )
-    keys = {cache.name: cache for cache in app.identity_root.key_caches}
-    app.authorizer.identity = IdentityResolver.from_config(config, keys=keys)
+    # Swapped whole: one attribute write of a new resolver (new revocation sets, new memo).
+    app.authorizer.identity = IdentityResolver.from_config(config, keys=app.keys.providers)
     app.revocation_version = revoked.version
     log.info(
         "revocation list loaded",
@@ -236,7 +242,7 @@ async def start(app: App) -> None:
             "no trust domains configured: SPIFFE IDs of any trust domain are accepted",
             extra={"event": "trust_domains_unset"},
         )
-    if not await asyncio.to_thread(app.identity_root.start):
+    if not await asyncio.to_thread(app.keys.start):
         # Checks with tokens from that issuer fail closed until its keys load; mTLS callers
         # keep working, so this is not a reason to stay NOT_SERVING.
         log.warning(
@@ -256,7 +262,7 @@ async def start(app: App) -> None:
 
 async def stop(app: App) -> None:
     """Release what `start` acquired (JWKS refreshers, the limiter's connections)."""
-    app.identity_root.stop()
+    app.keys.stop()
     limiter = app.authorizer.limiter
     if limiter is not None:
         await limiter.aclose()

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from extauthz.decide.pipeline import CheckResult
 from extauthz.model import Request
@@ -25,7 +25,9 @@ from extauthz.observe.tracing import NO_TRACE, SpanRecorder, Tracing, recorder_f
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are enabled
+    from extauthz.app import App
     from extauthz.observe.metrics import CheckMetrics, MetricsServer
+    from extauthz.sources.jwks import JwksCache
 
 log = logging.getLogger("extauthz.observability")
 
@@ -61,17 +63,9 @@ class DecisionObserver:
             self.metrics.observe(request, result, seconds)
 
 
-def _key_caches(app: Any) -> Iterable[Any]:
-    """The JWKS caches: owned by the resolver built at start-up (`App.identity_root`). The
-    resolver the authorizer uses may be a later one (a revocation reload swaps it in) that
-    shares those caches without owning them, so its `key_caches` is empty."""
-    for resolver in (getattr(app, "identity_root", None),
-                     getattr(app, "identity", None),
-                     getattr(getattr(app, "authorizer", None), "identity", None)):
-        caches = tuple(getattr(resolver, "key_caches", ()))
-        if caches:
-            return caches
-    return ()
+def _key_caches(app: App) -> Iterable[JwksCache]:
+    """The JWKS caches, from their one owner (`App.keys`), whichever resolver serves."""
+    return app.keys.caches
 
 
 @dataclass
@@ -92,7 +86,7 @@ class Observability:
             return ()
         return (self.observer,)
 
-    def attach(self, app: Any) -> None:
+    def attach(self, app: App) -> None:
         """Bind metrics to the app (cache, policy store, JWKS) and start the endpoint."""
         if self.metrics is None:
             return

@@ -236,13 +236,13 @@ def build_harness(
     app = build_app(Settings(policy=tmp / "policy", identity=section, decision_log="none",
                              tracing=False), clock=clock)
     assert app.store.reload(), "conformance policy did not load"
-    for cache in app.identity_root.key_caches:
+    for cache in app.keys.caches:
         assert cache.refresh(), "conformance JWKS did not load"
     loop = asyncio.new_event_loop()
     try:
         yield Harness(app, clock, TRANSPORTS[transport](app, loop))
     finally:
-        app.identity_root.stop()
+        app.keys.stop()
         loop.close()
 
 

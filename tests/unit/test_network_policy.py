@@ -89,10 +89,45 @@ def test_a_connection_rule_name_reused_in_another_file_names_both_files_and_the_
     assert "already used in a.yaml" in info.value.message
 
 
-def test_the_compiled_policy_builds_its_connection_table_once() -> None:
+def test_network_checks_use_the_table_built_at_load_and_never_rebuild_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from extauthz.decide.cache import DecisionCache
+    from extauthz.decide.pipeline import Authorizer
+    from extauthz.model import Request
+    from extauthz.policy import compiled as compiled_module
+
     policy = _policy(("a.yaml", A_YAML))
-    assert policy.connections is policy.connections
-    assert policy.connections.evaluate(_identity(CHECKOUT), 5432, "", "v1").allowed
+
+    def rebuilt(*_: object) -> None:
+        raise AssertionError("the connection table was built again after load")
+
+    monkeypatch.setattr(compiled_module, "compile_connections", rebuilt)
+
+    class Holder:
+        current = policy
+
+    class Caller:
+        def resolve(self, _request: Request, _now: float) -> Identity:
+            return _identity(CHECKOUT)
+
+    authz = Authorizer(Holder(), Caller(), DecisionCache(0, 0, lambda: 0.0), lambda: 0.0)
+    for port, allowed in ((5432, True), (5432, True), (6379, False)):
+        request = Request(is_http=False, destination_port=port, source_principal=CHECKOUT)
+        assert asyncio.run(authz.check(request)).decision.allowed is allowed
+    missing = asyncio.run(authz.check(Request(is_http=False, source_principal=CHECKOUT)))
+    assert missing.decision.reason is Reason.MALFORMED_REQUEST  # no destination port
+
+
+def test_a_limit_the_limiter_cannot_represent_fails_the_load_with_its_line() -> None:
+    text = A_YAML.replace("    spiffe: spiffe://demo.local/ns/shop/sa/checkout\n",
+                          "    spiffe: spiffe://demo.local/ns/shop/sa/checkout\n"
+                          f"    limit: {{rate: 1, period: {'9' * 400}s}}\n")
+    with pytest.raises(PolicyError) as info:
+        _policy(("a.yaml", text))
+    assert (info.value.source, info.value.line) == ("a.yaml", 6)
+    assert "period" in info.value.message
 
 
 def test_allowed_by_name() -> None:
