@@ -119,6 +119,19 @@ class App:
                 self._observe(request, result, self.clock() - started)
         return result
 
+    def record(
+        self, request: Request | None, decision: Decision, started: float | None = None
+    ) -> CheckResult:
+        """A denial the transport decided itself, before the pipeline could (a request it
+        cannot read or must not trust: malformed HTTP, an ambiguous XFCC). Counted and observed
+        like any check, so such refusals show up in the decision log and metrics."""
+        result = CheckResult(decision)
+        self._count(result)
+        if self.observers:
+            elapsed = self.clock() - started if started is not None else 0.0
+            self._observe(request, result, elapsed)
+        return result
+
     def _count(self, result: CheckResult) -> None:
         stats = self.stats
         stats.checks += 1

@@ -5,6 +5,7 @@ Precedence: command-line flag > `EXTAUTHZ_*` environment variable > config file 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,11 @@ class SettingsError(ValueError):
 class Settings:
     policy: Path | None = None
     listen: tuple[str, ...] = ("127.0.0.1:9191",)
+    # Envoy's HTTP authorization-service protocol (`http_service`), see transport/http.py.
+    # Given alone (no `listen` from any source), only HTTP is served.
+    http_listen: tuple[str, ...] = ()
+    # What Envoy's `http_service.path_prefix` puts before the original path ("" = nothing).
+    http_path_prefix: str = ""
     grace_period: float = 10.0
     socket_mode: int = 0o660
     watch_interval: float = 2.0
@@ -145,16 +151,19 @@ def load_settings(
     for name, raw in flags.items():
         if raw is not None and name in names:
             values[name] = _coerce(name, raw, f"flag --{name.replace('_', '-')}")
+    if values.get("http_listen") and "listen" not in values:
+        values["listen"] = ()  # --http-listen alone: no gRPC listener on the default port
     settings = Settings(**values)  # type: ignore[arg-type]
     _validate(settings)
     return settings
 
 
 def _validate(s: Settings) -> None:
-    if not s.listen:
-        raise SettingsError("listen: at least one address is required")
+    if not s.listen and not s.http_listen:
+        raise SettingsError("listen: at least one address (listen or http_listen) is required")
     for addr in s.listen:
         parse_listen_address(addr)
+    _validate_http(s)
     if s.workers < 1:
         raise SettingsError("workers: must be at least 1")
     for name in ("principal_header", "rule_header"):
@@ -178,6 +187,38 @@ def _validate(s: Settings) -> None:
         raise SettingsError(
             f"log_level: must be debug, info, warning or error, not {s.log_level!r}"
         )
+
+
+def _validate_http(s: Settings) -> None:
+    """The HTTP transport trusts the XFCC header it receives (the caller's identity), so its
+    channel must be the sidecar's own: loopback, a unix socket, or mutual TLS."""
+    tls = bool(s.tls_cert or s.tls_key or s.tls_client_ca or s.tls_allowed_clients)
+    for addr in s.http_listen:
+        host, _ = parse_listen_address(addr)
+        if host != "unix" and not tls and not _is_loopback(str(host)):
+            raise SettingsError(
+                f"http_listen: {addr} is not loopback and has no TLS: the HTTP transport "
+                "trusts the x-forwarded-client-cert header as the caller's identity, so anyone "
+                "who can reach it could claim any identity. Listen on 127.0.0.1:PORT or "
+                "unix:/path, or add --tls-cert/--tls-key/--tls-client-ca/--tls-allowed-clients"
+            )
+    prefix = s.http_path_prefix
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix
+                   or any(c <= " " for c in prefix)):
+        raise SettingsError(
+            f"http_path_prefix: {prefix!r} must start with '/', not end with '/', and hold no "
+            "query or spaces (it is Envoy's http_service.path_prefix)"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_listen_address(addr: str) -> tuple[str, str | int]:

@@ -33,6 +33,19 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="append",
         help="HOST:PORT or unix:/path.sock; repeatable (default 127.0.0.1:9191)",
     )
+    p.add_argument(
+        "--http-listen",
+        metavar="ADDR",
+        action="append",
+        help="also (or only) serve Envoy's HTTP ext_authz protocol (http_service) on "
+        "HOST:PORT or unix:/path.sock; repeatable. Loopback, unix socket or mutual TLS only: "
+        "the caller's identity is read from the x-forwarded-client-cert header",
+    )
+    p.add_argument(
+        "--http-path-prefix",
+        metavar="PATH",
+        help="Envoy's http_service.path_prefix, removed before the path is authorized",
+    )
     p.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
     p.add_argument(
         "--grace-period",
@@ -194,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_from(args: argparse.Namespace) -> Settings:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")}
-    if flags.get("listen") is not None:
-        flags["listen"] = list(flags["listen"])
+    for name in ("listen", "http_listen"):
+        if flags.get(name) is not None:
+            flags[name] = list(flags[name])
     env = environ()
     config = args.config or (Path(env["EXTAUTHZ_CONFIG"]) if env.get("EXTAUTHZ_CONFIG") else None)
     return load_settings(flags, env, config)
@@ -248,6 +262,10 @@ def _transports(app: App) -> list[Transport]:
     transports: list[Transport] = []
     if app.settings.listen:
         transports.append(GrpcTransport(app))
+    if app.settings.http_listen:
+        from extauthz.transport.http import HttpTransport
+
+        transports.append(HttpTransport(app))
     return transports
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from extauthz.identity.spiffe import SpiffePattern, parse_spiffe_id
@@ -39,24 +39,29 @@ from extauthz.policy.document import (
 )
 from extauthz.policy.paths import normalize_path
 from extauthz.sources.policy_store import PolicyLoadError, read_files, version_of
+from extauthz.tools.findings import Finding, Severity
 
-ERROR = "error"
-WARNING = "warning"
+ERROR = Severity.ERROR
+WARNING = Severity.WARNING
 _ALL_PATH_REGEXES = frozenset({".*", "/.*", "^/.*", "^/.*$", "/.*$", "^.*$", ".+", "/.+"})
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
-    severity: str
-    code: str
-    file: str
-    line: int | None
-    message: str
-    rule: str = ""
+def _finding(
+    severity: Severity, code: str, file: str, line: int | None, message: str, *, rule: str = ""
+) -> Finding:
+    return Finding(code, severity, message, file=file, line=line, subject=rule)
 
-    def text(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else self.file
-        return f"{where}: {self.severity}: {self.message} [{self.code}]"
+
+def finding_text(f: Finding) -> str:
+    """`file:line: severity: message [code]`, the compiler-style line editors jump to."""
+    where = f"{f.file}:{f.line}" if f.line is not None else f.file
+    return f"{where}: {f.severity.label}: {f.message} [{f.code}]"
+
+
+def finding_dict(f: Finding) -> dict[str, object]:
+    """The JSON shape `extauthz validate --format json` has always printed."""
+    return {"severity": f.severity.label, "code": f.code, "file": f.file, "line": f.line,
+            "message": f.message, "rule": f.subject}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +83,7 @@ def validate_directory(directory: Path) -> Report:
     try:
         files = read_files(directory)
     except PolicyLoadError as exc:
-        return Report((Finding(ERROR, "load", str(directory), None, str(exc)),), None, 0)
+        return Report((_finding(ERROR, "load", str(directory), None, str(exc)),), None, 0)
     findings: list[Finding] = []
     docs: list[PolicyDocument] = []
     for f in files:
@@ -95,13 +100,13 @@ def validate_directory(directory: Path) -> Report:
         except PolicyError as exc:
             findings.append(_from_error(exc))
     findings += lint_documents(docs)
-    findings.sort(key=lambda f: (f.file, f.line or 0, f.severity, f.code))
+    findings.sort(key=lambda f: (f.file, f.line or 0, -f.severity, f.code))
     return Report(tuple(findings), policy, len(files))
 
 
 def _from_error(exc: PolicyError) -> Finding:
     message = f"{exc.field_path}: {exc.message}" if exc.field_path else exc.message
-    return Finding(ERROR, "schema", exc.source, exc.line, message)
+    return _finding(ERROR, "schema", exc.source, exc.line, message)
 
 
 def _cross_file_errors(docs: list[PolicyDocument]) -> list[Finding]:
@@ -111,7 +116,7 @@ def _cross_file_errors(docs: list[PolicyDocument]) -> list[Finding]:
         for p in doc.principals:
             first = principals.setdefault(p.name, p)
             if first is not p and first != p:
-                out.append(Finding(ERROR, "duplicate-principal", p.source, p.line,
+                out.append(_finding(ERROR, "duplicate-principal", p.source, p.line,
                                    f"principal {p.name!r} is already declared in "
                                    f"{first.source}:{first.line} with another identity"))
     rules: dict[str, RuleDecl] = {}
@@ -119,17 +124,17 @@ def _cross_file_errors(docs: list[PolicyDocument]) -> list[Finding]:
         for r in doc.rules:
             first_rule = rules.setdefault(r.name, r)
             if first_rule is not r:
-                out.append(Finding(ERROR, "duplicate-name", r.source, r.line,
+                out.append(_finding(ERROR, "duplicate-name", r.source, r.line,
                                    f"rule name {r.name!r} is already used in "
-                                   f"{first_rule.source}:{first_rule.line}", r.name))
+                                   f"{first_rule.source}:{first_rule.line}", rule=r.name))
             for key, entries in (("allow", r.allow), ("deny", r.deny)):
                 for entry in entries:
                     named = entry != "*" and not entry.startswith("spiffe://")
                     if named and entry not in principals:
                         known = ", ".join(sorted(principals)) or "none declared"
-                        out.append(Finding(ERROR, "unknown-principal", r.source, r.line,
+                        out.append(_finding(ERROR, "unknown-principal", r.source, r.line,
                                            f"rule {r.name}: {key}: unknown principal {entry!r} "
-                                           f"(declared: {known})", r.name))
+                                           f"(declared: {known})", rule=r.name))
     return out
 
 
@@ -158,7 +163,8 @@ def lint_documents(docs: Iterable[PolicyDocument]) -> list[Finding]:
 
 
 def _warn(rule: RuleDecl, code: str, message: str) -> Finding:
-    return Finding(WARNING, code, rule.source, rule.line, f"rule {rule.name}: {message}", rule.name)
+    return _finding(WARNING, code, rule.source, rule.line, f"rule {rule.name}: {message}",
+                    rule=rule.name)
 
 
 def _rule_warnings(rule: RuleDecl) -> list[Finding]:
@@ -281,7 +287,7 @@ def _spiffe_of(entry: str, principals: Mapping[str, PrincipalDecl]) -> str:
 
 
 def format_text(report: Report) -> str:
-    lines = [f.text() for f in report.findings]
+    lines = [finding_text(f) for f in report.findings]
     if report.errors:
         lines.append(f"FAILED: {report.errors} error(s), {report.warnings} warning(s) "
                      f"in {report.files} file(s)")
@@ -300,5 +306,5 @@ def format_json(report: Report) -> str:
         "version": report.policy.version if report.policy is not None else None,
         "errors": report.errors,
         "warnings": report.warnings,
-        "findings": [asdict(f) for f in report.findings],
+        "findings": [finding_dict(f) for f in report.findings],
     }, indent=2)

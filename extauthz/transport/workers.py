@@ -29,7 +29,7 @@ log = logging.getLogger("extauthz.workers")
 def check_workers(settings: Settings) -> None:
     if settings.workers <= 1:
         return
-    for addr in settings.listen:
+    for addr in (*settings.listen, *settings.http_listen):
         host, port = parse_listen_address(addr)
         if host == "unix":
             raise SettingsError(

@@ -34,6 +34,8 @@ CERTS_DIR = "/etc/extauthz/certs"
 REFUSED_BY_ENVOY = {
     "ext_authz.after_router": "must be the last filter in a http filter chain",
     "hcm.no_router": "is the last filter in a http filter chain",
+    # a misspelt field: Envoy refuses it, the doctor reports it and checks the rest
+    "config.unknown_field": "per_connection_buffer_limit_bytez",
 }
 
 

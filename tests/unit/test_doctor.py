@@ -47,7 +47,7 @@ def load(name: str) -> dict[str, Any]:
 
 
 def ids(findings: list[Finding]) -> list[str]:
-    return sorted({f.id for f in findings})
+    return sorted({f.code for f in findings})
 
 
 def hcm(doc: dict[str, Any]) -> dict[str, Any]:
@@ -56,8 +56,13 @@ def hcm(doc: dict[str, Any]) -> dict[str, Any]:
     return typed
 
 
+def authz_index(doc: dict[str, Any]) -> int:
+    names = [f["name"] for f in hcm(doc)["http_filters"]]
+    return names.index("envoy.filters.http.ext_authz")
+
+
 def authz(doc: dict[str, Any]) -> dict[str, Any]:
-    typed: dict[str, Any] = hcm(doc)["http_filters"][0]["typed_config"]
+    typed: dict[str, Any] = hcm(doc)["http_filters"][authz_index(doc)]["typed_config"]
     return typed
 
 
@@ -81,21 +86,21 @@ def test_clean_fixture_has_no_findings() -> None:
 @pytest.mark.parametrize("finding_id", FIXTURES)
 def test_fixture_yields_exactly_its_finding(finding_id: str) -> None:
     findings = diagnose(load(finding_id), FACTS)
-    assert ids(findings) == [finding_id], [f.detail for f in findings]
+    assert ids(findings) == [finding_id], [f.message for f in findings]
     for f in findings:
-        assert f.path.startswith("$.static_resources.")
-        assert f.detail
+        assert f.path.startswith("$.")
+        assert f.message
 
 
 def test_paths_point_at_the_offending_field() -> None:
     [f] = diagnose(load("ext_authz.failure_mode_allow"), FACTS)
     assert f.path == ("$.static_resources.listeners[0].filter_chains[0].filters[0].typed_config"
-                      ".http_filters[0].typed_config.failure_mode_allow")
+                      ".http_filters[1].typed_config.failure_mode_allow")
     [f] = diagnose(load("route.ext_authz_disabled"), FACTS)
     assert f.path.endswith(
         '.route_config.virtual_hosts[0].routes[1].typed_per_filter_config'
         '["envoy.filters.http.ext_authz"].disabled')
-    assert "prefix /v1/admin" in f.detail
+    assert "prefix /v1/admin" in f.message
 
 
 # --- the catalog and its documentation ---------------------------------------------------
@@ -214,10 +219,10 @@ def test_header_mutation_that_rewrites_before_ext_authz(mutations: dict[str, Any
 
 def test_header_mutation_after_ext_authz_only_matters_for_the_query() -> None:
     doc = load("clean")
-    hcm(doc)["http_filters"].insert(1, _header_mutation(
+    hcm(doc)["http_filters"].insert(authz_index(doc) + 1, _header_mutation(
         request_mutations=[{"append": {"header": {"key": "x-a", "value": "1"}}}]))
     assert diagnose(doc, FACTS) == []
-    hcm(doc)["http_filters"].insert(1, _header_mutation(
+    hcm(doc)["http_filters"].insert(authz_index(doc) + 1, _header_mutation(
         query_parameter_mutations=[{"remove": "debug"}]))
     assert ids(diagnose(doc, FACTS)) == ["ext_authz.reroute_after_check"]
 
@@ -239,7 +244,8 @@ def test_header_mutation_after_ext_authz_only_matters_for_the_query() -> None:
 )
 def test_filters_after_ext_authz(typed_config: dict[str, Any], flagged: bool) -> None:
     doc = load("clean")
-    hcm(doc)["http_filters"].insert(1, {"name": "f", "typed_config": typed_config})
+    hcm(doc)["http_filters"].insert(authz_index(doc) + 1,
+                                    {"name": "f", "typed_config": typed_config})
     expected = ["ext_authz.reroute_after_check"] if flagged else []
     assert ids(diagnose(doc, FACTS)) == expected
 
@@ -263,7 +269,7 @@ def test_filter_config_wrapper_can_disable_ext_authz() -> None:
     routes(doc)[1]["typed_per_filter_config"] = {_NAME: {
         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
     [f] = diagnose(doc, FACTS)
-    assert f.id == "route.ext_authz_disabled"
+    assert f.code == "route.ext_authz_disabled"
     assert f.path.endswith(f'.routes[1].typed_per_filter_config["{_NAME}"].disabled')
 
 
@@ -272,7 +278,7 @@ def test_virtual_host_exemption_covers_its_routes_unless_a_route_overrides() -> 
     vhost = hcm(doc)["route_config"]["virtual_hosts"][0]
     vhost["typed_per_filter_config"] = {_NAME: {"@type": _PER_ROUTE, "disabled": True}}
     [f] = diagnose(doc, FACTS)
-    assert f.id == "route.ext_authz_disabled"
+    assert f.code == "route.ext_authz_disabled"
     assert f.path.endswith(f'.virtual_hosts[0].typed_per_filter_config["{_NAME}"].disabled')
     routes(doc)[1]["typed_per_filter_config"] = {_NAME: {
         "@type": _PER_ROUTE, "check_settings": {"context_extensions": {"a": "b"}}}}
@@ -292,7 +298,7 @@ def test_disabled_on_a_direct_response_or_health_route_is_fine() -> None:
 
 def test_disabled_by_default_filter_enabled_by_every_route_is_fine() -> None:
     doc = load("clean")
-    hcm(doc)["http_filters"][0]["disabled"] = True
+    hcm(doc)["http_filters"][authz_index(doc)]["disabled"] = True
     routes(doc)[1]["typed_per_filter_config"] = {_NAME: {
         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
             "@type": _PER_ROUTE, "check_settings": {}}}}
@@ -314,7 +320,7 @@ def test_zero_timeout_means_no_deadline() -> None:
     doc = load("clean")
     authz(doc)["grpc_service"]["timeout"] = "0s"
     [f] = diagnose(doc, FACTS)
-    assert f.id == "ext_authz.timeout_missing" and "no deadline" in f.detail
+    assert f.code == "ext_authz.timeout_missing" and "no deadline" in f.message
 
 
 def test_implicit_timeout_is_compared_with_routes() -> None:
@@ -336,7 +342,7 @@ def test_full_filter_enabled_with_runtime_key_can_still_be_turned_down() -> None
     doc = load("clean")
     authz(doc)["filter_enabled"] = {"default_value": {"numerator": 100}, "runtime_key": "k"}
     [f] = diagnose(doc, FACTS)
-    assert f.id == "ext_authz.partially_enabled" and "'k'" in f.detail
+    assert f.code == "ext_authz.partially_enabled" and "'k'" in f.message
 
 
 # --- listeners and clusters --------------------------------------------------------------
@@ -348,7 +354,7 @@ def test_accept_untrusted_is_unverified() -> None:
     tls["typed_config"]["common_tls_context"]["validation_context"][
         "trust_chain_verification"] = "ACCEPT_UNTRUSTED"
     [f] = diagnose(doc, FACTS)
-    assert f.id == "listener.client_cert_unverified"
+    assert f.code == "listener.client_cert_unverified"
     assert f.path.endswith("validation_context.trust_chain_verification")
 
 
@@ -387,7 +393,7 @@ def test_google_grpc_without_credentials_to_a_remote_target() -> None:
     authz(doc)["grpc_service"] = {"google_grpc": {"target_uri": "extauthz.svc:9191",
                                                   "stat_prefix": "authz"}, "timeout": "0.25s"}
     [f] = diagnose(doc, FACTS)
-    assert f.id == "authz_cluster.plaintext"
+    assert f.code == "authz_cluster.plaintext"
     authz(doc)["grpc_service"]["google_grpc"]["target_uri"] = "127.0.0.1:9191"
     assert diagnose(doc, FACTS) == []
 
@@ -395,7 +401,7 @@ def test_google_grpc_without_credentials_to_a_remote_target() -> None:
 def test_cds_cluster_is_not_analysed_rather_than_missing() -> None:
     doc = load("authz_cluster.missing")
     doc["dynamic_resources"] = {"cds_config": {"ads": {}, "resource_api_version": "V3"}}
-    assert ids(diagnose(doc, FACTS)) == ["config.not_analysed"]
+    assert ids(diagnose(doc, FACTS)) == ["config.xds_not_seen"]
 
 
 # --- parsing -----------------------------------------------------------------------------
@@ -406,14 +412,14 @@ def test_camel_case_json_names_and_typed_struct_are_understood() -> None:
     cfg = authz(doc)
     cfg["failureModeAllow"] = cfg.pop("failure_mode_allow") or True
     url = cfg.pop("@type")
-    hcm(doc)["http_filters"][0]["typed_config"] = {
+    hcm(doc)["http_filters"][authz_index(doc)]["typed_config"] = {
         "@type": "type.googleapis.com/xds.type.v3.TypedStruct", "type_url": url, "value": cfg}
     assert ids(diagnose(doc, FACTS)) == ["ext_authz.failure_mode_allow"]
 
 
 def test_deprecated_fields_do_not_warn() -> None:
     doc = load("clean")
-    hcm(doc)["http_filters"].insert(1, {"name": "lua", "typed_config": {
+    hcm(doc)["http_filters"].insert(authz_index(doc) + 1, {"name": "lua", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
         "inline_code": "function envoy_on_request(h) end"}})
     assert ids(diagnose(doc, FACTS)) == ["ext_authz.reroute_after_check"]  # no warning raised
@@ -422,8 +428,12 @@ def test_deprecated_fields_do_not_warn() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d["static_resources"]["listeners"][0].update(bogus=1), "Unknown field 'bogus'"),
-        (lambda d: authz(d).update(status_on_error={"code": "Nope"}), "Nope"),
+        (lambda d: authz(d).update(status_on_error={"code": "Nope"}), "status_on_error.code: "
+         "unknown value 'Nope'"),
+        (lambda d: authz(d).update(failure_mode_allow=1), "failure_mode_allow: expected true or "
+         "false"),
+        (lambda d: hcm(d).update(http_filters={"a": 1}), "http_filters: expected a list"),
+        (lambda d: hcm(d).update(codec_type="HTTP7"), "codec_type: unknown value 'HTTP7'"),
     ],
 )
 def test_invalid_config_is_an_error(mutate: Any, message: str) -> None:
@@ -446,7 +456,8 @@ def test_json_output_is_stable_and_sorted() -> None:
     sev = [Severity.parse(f["severity"]) for f in doc["findings"]]
     assert sev == sorted(sev, reverse=True)
     assert doc["summary"] == {s.label: sev.count(s) for s in Severity}
-    assert set(doc["findings"][0]) == {"id", "severity", "title", "path", "detail", "why", "fix"}
+    assert set(doc["findings"][0]) == {"id", "severity", "title", "path", "subject", "detail",
+                                       "why", "fix"}
 
 
 def test_text_output() -> None:
@@ -513,7 +524,7 @@ def test_json_config_files_are_read(tmp_path: Path, capsys: pytest.CaptureFixtur
         (None, "cannot read"),
         ("a: [", "not YAML or JSON"),
         ("- 1\n", "must be a mapping"),
-        ("static_resources: {listeners: [{nope: 1}]}\n", "Unknown field 'nope'"),
+        ("static_resources: {listeners: 5}\n", "$.static_resources.listeners: expected a list"),
     ],
 )
 def test_unreadable_input_exits_2(

@@ -377,9 +377,9 @@ def test_loopback_plaintext_authz_is_fine(target: str) -> None:
 )
 def test_loopback_agrees_with_the_doctor(host: str) -> None:
     from extauthz.envoyconf.config import is_loopback_host
-    from extauthz.tools import doctor
+    from extauthz.tools.doctor.envoy import is_loopback
 
-    assert is_loopback_host(host) == doctor._is_loopback(host)
+    assert is_loopback_host(host) == is_loopback(host)
 
 
 # -- the principal header --------------------------------------------------------------------

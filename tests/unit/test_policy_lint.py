@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from extauthz.cli.main import main
-from extauthz.tools.lint import format_json, format_text, validate_directory
+from extauthz.tools.lint import finding_text, format_json, format_text, validate_directory
 
 HEAD = """apiVersion: extauthz/v1
 owner: team-orders
@@ -27,16 +27,16 @@ def write(d: Path, name: str, text: str) -> Path:
 
 
 def codes(d: Path) -> list[tuple[str, str, int | None, str]]:
-    return [(f.severity, f.code, f.line, f.rule) for f in validate_directory(d).findings]
+    return [(f.severity.label, f.code, f.line, f.subject) for f in validate_directory(d).findings]
 
 
 def test_errors_in_several_files_are_all_reported_with_lines(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", HEAD + "  - name: r\n    path: /x\n    methods: [FETCH]\n    allow: [checkout]\n")
     write(tmp_path, "b.yaml", "apiVersion: extauthz/v1\nrules: [\n")
     report = validate_directory(tmp_path)
-    assert [(f.file, f.line, f.severity) for f in report.findings] == [
+    assert [(f.file, f.line, f.severity.label) for f in report.findings] == [
         ("a.yaml", 13, "error"), ("b.yaml", 3, "error")]
-    assert report.findings[0].text() == (
+    assert finding_text(report.findings[0]) == (
         "a.yaml:13: error: rules[0].methods: unknown HTTP method 'FETCH' [schema]")
     assert report.policy is None
 
