@@ -181,14 +181,8 @@ def strip_headers_of(settings: Settings) -> tuple[str, ...]:
 
 
 def identity_config_from(settings: Settings) -> IdentityConfig:
-    try:
-        config = IdentityConfig.from_mapping(settings.identity)
-        if settings.trust_domains:
-            domains = config.trust_domains | frozenset(settings.trust_domains)
-            config = dataclasses.replace(config, trust_domains=domains)
-    except (ValueError, TypeError) as exc:
-        raise SettingsError(f"identity: {exc}") from None
-    return config
+    """The typed `identity:` section (validated with the rest of the settings)."""
+    return settings.identity_config
 
 
 def apply_revocations(app: App) -> bool:

@@ -22,7 +22,7 @@ from extauthz.decide.pipeline import CheckResult
 from extauthz.model import Request
 from extauthz.observe.decision_log import DecisionLog, open_decision_log
 from extauthz.observe.tracing import NO_TRACE, SpanRecorder, Tracing, recorder_for, setup_tracing
-from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are enabled
     from extauthz.app import App
@@ -117,13 +117,6 @@ class Observability:
 
 def build_observers(settings: Settings, environ: Mapping[str, str] | None = None) -> Observability:
     """Everything issue 7 adds, from the settings (and the standard OTEL_* environment)."""
-    if not 0.0 <= settings.decision_log_sample_allowed <= 1.0:
-        raise SettingsError("decision_log_sample_allowed: must be between 0 and 1, not "
-                            f"{settings.decision_log_sample_allowed}")
-    if settings.metrics_listen:
-        host, _ = parse_listen_address(settings.metrics_listen)
-        if host == "unix":
-            raise SettingsError("metrics_listen: expected HOST:PORT, not a unix socket")
     tracing = setup_tracing(settings.tracing, os.environ if environ is None else environ)
     try:
         decision_log = open_decision_log(settings.decision_log,

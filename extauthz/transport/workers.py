@@ -21,23 +21,9 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.settings import Settings, parse_listen_address
 
 log = logging.getLogger("extauthz.workers")
-
-
-def check_workers(settings: Settings) -> None:
-    if settings.workers <= 1:
-        return
-    for addr in (*settings.listen, *settings.http_listen):
-        host, port = parse_listen_address(addr)
-        if host == "unix":
-            raise SettingsError(
-                "workers: a unix socket cannot be shared by several workers; listen on "
-                "HOST:PORT (SO_REUSEPORT) or run one worker per socket"
-            )
-        if port == 0:
-            raise SettingsError("workers: port 0 would give every worker its own port")
 
 
 def _metrics_address(settings: Settings, index: int) -> str:
@@ -47,7 +33,6 @@ def _metrics_address(settings: Settings, index: int) -> str:
 
 def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
     """Start `settings.workers` workers with the same arguments and supervise them."""
-    check_workers(settings)
     children: list[subprocess.Popen[bytes]] = []
     for index in range(settings.workers):
         extra = ["--workers", "1"]
