@@ -153,3 +153,31 @@ def test_offline_tools_reach_no_network_grpc_or_envoy_protos() -> None:
     assert all(source_of(r) is not None for r in roots), "a tool was renamed: update roots"
     offenders, _ = walk_core(roots, core_only=False)
     assert offenders == []
+
+
+def test_the_core_has_no_import_cycle() -> None:
+    """Imports go one way (the old policy -> network_policy -> principals -> policy circle is
+    what made connection rules re-implement the parser); type-only imports count too."""
+    graph: dict[str, set[str]] = {}
+    for module in core_modules():
+        path = source_of(module)
+        assert path is not None
+        tree = ast.parse(path.read_text())
+        graph[module] = {m for m in imports_of(module, tree)
+                         if m.startswith("extauthz.") and m != module and source_of(m)}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[str] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*path[path.index(nxt):], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
