@@ -56,8 +56,8 @@ def browser_like_headers(host: str, method: str, path: str) -> dict[str, str]:
         "tracestate": "vendor=t61rcWkgMzE",
         "baggage": "tenant=eu-west-2,plan=enterprise",
         "x-b3-sampled": "1",
-        "x-forwarded-client-cert": 'By=spiffe://prod.example/ns/orders/sa/orders;Hash=3f2c9a7d;'
-        'URI=spiffe://prod.example/ns/finance/sa/billing',
+        "x-forwarded-client-cert": "By=spiffe://prod.example/ns/orders/sa/orders;"
+        f"Hash={'3f2c9a7d' * 8};URI=spiffe://prod.example/ns/finance/sa/billing",
     }
 
 

@@ -51,6 +51,7 @@ def _host_port(text: str) -> tuple[str, int]:
 # envoy-data-plane (an optional dependency), or every `extauthz` command would need it.
 # tests/unit/test_envoy_config.py checks they agree.
 VARIANTS = ("sidecar", "filter", "cluster", "per-route", "network")
+TRANSPORTS = ("grpc", "http")
 DEFAULT_CERTS_DIR = "/etc/extauthz/certs"
 
 
@@ -88,6 +89,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=VARIANTS,
         default="sidecar",
         help="what to render (default %(default)s)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="grpc",
+        help="how Envoy asks extauthz: grpc (extauthz serve --listen) or http (Envoy's "
+        "http_service; extauthz serve --http-listen, cheaper per check: see "
+        "docs/operations.md). Default %(default)s",
+    )
+    p.add_argument(
+        "--authz-header",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --transport http: a header your policies read (headers:/when:), sent to "
+        "extauthz besides identity, JWT, trace and method-override headers (repeatable)",
+    )
+    p.add_argument(
+        "--authz-max-concurrent-streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --transport grpc: HTTP/2 streams per connection to extauthz, so that Envoy "
+        "opens several connections under load and extauthz serve --workers N shares them "
+        "(default: Envoy's)",
     )
     p.add_argument(
         "--extauthz",
@@ -234,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
                 sds_svid_name=args.sds_svid,
                 sds_bundle_name=args.sds_bundle,
                 principal_header=args.principal_header,
+                transport=args.transport,
+                authz_headers=tuple(h.strip().lower() for h in args.authz_header),
+                authz_max_concurrent_streams=args.authz_max_concurrent_streams,
             ),
         )
     except ValueError as exc:
@@ -251,7 +280,11 @@ def run(args: argparse.Namespace) -> int:
             "accepts any certificate from the trust bundle as extauthz's",
             file=sys.stderr,
         )
-    text = render_variant(args.variant, config).yaml()
+    try:
+        text = render_variant(args.variant, config).yaml()
+    except ValueError as exc:
+        print(f"extauthz envoy-config: {exc}", file=sys.stderr)
+        return 2
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:

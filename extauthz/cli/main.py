@@ -173,12 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"extauthz {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo",
         help="run a local mesh (Envoy + extauthz + upstream) and show real decisions",
         description="Start real Envoy, extauthz and a sample upstream with a fresh CA and "
         "SPIFFE SVIDs, send real mTLS requests, print who called what and the answer "
         "(allowed / 401 / 403 / 429), then stop everything it started.",
+    )
+    demo.add_argument(
+        "--transport",
+        choices=("http", "grpc"),
+        default="http",
+        help="how Envoy asks extauthz (default %(default)s, the recommended one)",
     )
     health = sub.add_parser(
         "health",
@@ -318,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from extauthz.devstack.demo import run_demo
 
-        return run_demo()
+        return run_demo(transport=args.transport)
     run = getattr(args, "run", None)
     if run is not None:
         return int(run(args))

@@ -136,6 +136,9 @@ class DevStack:
     policy_dir: Path = DEFAULT_POLICY_DIR
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     extauthz_transport: Literal["tcp", "unix"] = "tcp"
+    # How Envoy asks extauthz: the gRPC Authorization service (`serve --listen`) or Envoy's
+    # HTTP authorization-service protocol (`serve --http-listen`, `envoy-config --transport`).
+    authz_protocol: Literal["grpc", "http"] = "grpc"
     workdir: Path | None = None
     serve_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
@@ -272,13 +275,16 @@ class DevStack:
             "serve",
             "--policy",
             str(self.policy_dir),
-            "--listen",
+            "--http-listen" if self.authz_protocol == "http" else "--listen",
             self.extauthz_target,
             *self.serve_args,
         ]
         self.extauthz_log_path = work / "extauthz.log"
         proc = self._spawn("extauthz", argv, self.extauthz_log_path, env)
-        wait_for_grpc_serving(self.extauthz_target, proc, self.startup_timeout)
+        if self.authz_protocol == "http":
+            wait_for_listening(self.extauthz_target, proc, self.startup_timeout)
+        else:
+            wait_for_grpc_serving(self.extauthz_target, proc, self.startup_timeout)
 
     def _start_envoy(self, envoy: str, work: Path) -> None:
         self.access_log_path = work / "access.log"
@@ -296,6 +302,7 @@ class DevStack:
             admin_port=0,
             access_log_path=str(self.access_log_path),
             health_check_interval_s=1.0,
+            transport=self.authz_protocol,
         )
         self.bootstrap_path = work / "envoy.yaml"
         self.bootstrap_path.write_text(render_yaml(config, header=False), encoding="utf-8")
@@ -424,6 +431,26 @@ def wait_for_grpc_serving(target: str, proc: _Proc, timeout: float) -> None:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             time.sleep(0.05)
+
+
+def wait_for_listening(target: str, proc: _Proc, timeout: float) -> None:
+    """Until `target` (HOST:PORT or unix:/path) accepts connections: the HTTP transport opens
+    its listener only after the policy is loaded, so accepting means ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _check_alive(proc, deadline, f"extauthz not listening on {target}")
+        try:
+            if target.startswith("unix:"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.5)
+                    s.connect(target[len("unix:"):])
+            else:
+                host, _, port = target.rpartition(":")
+                socket.create_connection((host, int(port)), timeout=0.5).close()
+        except OSError:
+            time.sleep(0.05)
+            continue
+        return
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):

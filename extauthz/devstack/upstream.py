@@ -23,6 +23,7 @@ from extauthz import headers as names
 INTERESTING_HEADERS = (
     "host",
     names.PRINCIPAL,
+    names.RULE,
     names.XFCC,
     "x-request-id",
 )

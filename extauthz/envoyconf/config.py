@@ -70,9 +70,12 @@ with warnings.catch_warnings():
         GrpcServiceEnvoyGrpc,
         HealthCheck,
         HealthCheckGrpcHealthCheck,
+        HealthCheckTcpHealthCheck,
+        Http1ProtocolOptions,
         Http2ProtocolOptions,
         HttpProtocolOptions,
         HttpProtocolOptionsHeadersWithUnderscoresAction,
+        HttpUri,
         Node,
         Pipe,
         SocketAddress,
@@ -98,10 +101,12 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
     from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
     from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+        AuthorizationResponse,
         BufferSettings,
         CheckSettings,
         ExtAuthz,
         ExtAuthzPerRoute,
+        HttpService,
     )
     from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
         HeaderMutation,
@@ -143,7 +148,7 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
         HttpProtocolOptionsExplicitHttpConfig,
     )
-    from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+    from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
     from envoy_data_plane.envoy.type.metadata.v3 import (
         MetadataKey,
         MetadataKeyPathSegment,
@@ -190,6 +195,38 @@ def is_loopback_host(host: str) -> bool:
 
 Variant = Literal["sidecar", "filter", "cluster", "per-route", "network"]
 VARIANTS: tuple[Variant, ...] = ("sidecar", "filter", "cluster", "per-route", "network")
+Transport = Literal["grpc", "http"]
+TRANSPORTS: tuple[Transport, ...] = ("grpc", "http")
+
+# The HTTP transport (`extauthz serve --http-listen`, extauthz/transport/http.py). Envoy sends
+# only the headers `allowed_headers` lets through: the caller's identity (the XFCC this sidecar
+# sets), a JWT, the trace context, and the method-override headers extauthz must see to deny
+# them. Headers a policy's `headers:`/`when:` read are added with `authz_headers`.
+XFCC_HEADER = "x-forwarded-client-cert"
+HTTP_AUTHZ_HEADERS = (
+    XFCC_HEADER,
+    "authorization",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "x-request-id",
+)
+# Answer headers: to the client on a denial, to the upstream on an allow, and the ones Envoy
+# turns into dynamic metadata (named like the gRPC CheckResponse's metadata keys, so the access
+# log and the span tags read the same keys for either transport).
+HTTP_CLIENT_HEADERS = (REASON_HEADER, "www-authenticate", "retry-after", "ratelimit-limit",
+                       "ratelimit-remaining", "ratelimit-reset")
+HTTP_BUDGET_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
+HTTP_METADATA_HEADERS = ("principal", "identity_source", "rule", "decision", "reason",
+                         "policy_version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +284,15 @@ class SidecarConfig:
     sds_svid_name: str = "default"  # SPIRE agent: "default" or the workload's SPIFFE ID
     sds_bundle_name: str = "ROOTCA"  # SPIRE agent: "ROOTCA" or the trust domain's spiffe://td
     principal_header: str = PRINCIPAL_HEADER
+    # How Envoy asks extauthz: "grpc" (the Authorization service, `extauthz serve --listen`)
+    # or "http" (the HTTP authorization-service protocol, `extauthz serve --http-listen`).
+    transport: Transport = "grpc"
+    # HTTP transport: headers the policies read, sent to extauthz besides HTTP_AUTHZ_HEADERS.
+    authz_headers: tuple[str, ...] = ()
+    # gRPC transport: streams per HTTP/2 connection to extauthz. Envoy sends all checks of a
+    # worker thread over one connection; a low limit makes it open more connections under load,
+    # so `extauthz serve --workers N` (SO_REUSEPORT) gets a share of them. 0 = Envoy's default.
+    authz_max_concurrent_streams: int = 0
 
     def __post_init__(self) -> None:
         for port in (self.listen_port, self.upstream_port, self.admin_port):
@@ -274,6 +320,24 @@ class SidecarConfig:
                 "(extauthz_tls=True)"
             )
         _check_authz_channel(self.extauthz, tls=self.extauthz_tls)
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be grpc or http, not {self.transport!r}")
+        if self.transport == "http":
+            if self.request_body_max_bytes:
+                raise ValueError(
+                    "the HTTP transport takes no request body (extauthz refuses a check with "
+                    "one): drop --with-request-body or use --transport grpc"
+                )
+            if self.metadata_namespaces:
+                raise ValueError(
+                    "metadata_context_namespaces reach extauthz only over gRPC: drop "
+                    "--metadata-namespace or use --transport grpc"
+                )
+        for name in self.authz_headers:
+            if not names.is_header_name(name):
+                raise ValueError(f"authz header must be a lowercase header name: {name!r}")
+        if self.authz_max_concurrent_streams < 0:
+            raise ValueError("authz_max_concurrent_streams must not be negative")
         header = self.principal_header.strip().lower()
         object.__setattr__(self, "principal_header", header)
         if header and names.settable_problem(header):
@@ -436,7 +500,10 @@ def downstream_tls(c: SidecarConfig, alpn: Iterable[str] = ("h2", "http/1.1")) -
 
 
 def ext_authz_filter(c: SidecarConfig) -> HttpFilter:
-    """The ext_authz HTTP filter: gRPC v3 to the `extauthz` cluster, failing closed."""
+    """The ext_authz HTTP filter to the `extauthz` cluster, failing closed: gRPC v3, or
+    Envoy's HTTP authorization-service protocol (`c.transport == "http"`)."""
+    if c.transport == "http":
+        return HttpFilter(name=EXT_AUTHZ_NAMESPACE, typed_config=_any(_http_ext_authz(c)))
     config = ExtAuthz(
         transport_api_version=ApiVersion.V3,
         grpc_service=GrpcService(
@@ -453,6 +520,35 @@ def ext_authz_filter(c: SidecarConfig) -> HttpFilter:
             max_request_bytes=c.request_body_max_bytes, allow_partial_message=True
         )
     return HttpFilter(name=EXT_AUTHZ_NAMESPACE, typed_config=_any(config))
+
+
+def _exact(names: Iterable[str]) -> ListStringMatcher:
+    return ListStringMatcher(patterns=[StringMatcher(exact=n) for n in dict.fromkeys(names)])
+
+
+def _http_ext_authz(c: SidecarConfig) -> ExtAuthz:
+    """The HTTP transport: Envoy sends method, path, Host and the allowed headers (no body);
+    200 allows. The caller's identity is the XFCC header this sidecar's connection manager
+    sets from the verified peer (SANITIZE_SET, uri): extauthz trusts it because the channel
+    is the sidecar's own (loopback, unix socket or mTLS)."""
+    upstream = (*c.trusted_headers, *HTTP_BUDGET_HEADERS)
+    return ExtAuthz(
+        http_service=HttpService(
+            server_uri=HttpUri(
+                uri=f"http://{EXTAUTHZ_CLUSTER}",
+                cluster=EXTAUTHZ_CLUSTER,
+                timeout=_seconds(c.authz_timeout_s),
+            ),
+            authorization_response=AuthorizationResponse(
+                allowed_upstream_headers=_exact(upstream),
+                allowed_client_headers=_exact(HTTP_CLIENT_HEADERS),
+                dynamic_metadata_from_headers=_exact(HTTP_METADATA_HEADERS),
+            ),
+        ),
+        allowed_headers=_exact((*HTTP_AUTHZ_HEADERS, *c.authz_headers)),
+        failure_mode_allow=c.failure_mode_allow,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+    )
 
 
 def strip_principal_filter(c: SidecarConfig | None = None) -> HttpFilter:
@@ -482,30 +578,43 @@ def http_filters(c: SidecarConfig) -> list[HttpFilter]:
 
 
 def authz_cluster(c: SidecarConfig) -> Cluster:
-    """The `extauthz` cluster: HTTP/2 (gRPC), gRPC health-checked, circuit-broken."""
+    """The `extauthz` cluster, circuit-broken and health-checked: HTTP/2 with gRPC health
+    checks for the gRPC transport; HTTP/1.1 with TCP health checks for the HTTP transport
+    (its connection pool holds one check per connection, so checks spread over the
+    connections, and over `extauthz serve --workers N`)."""
     interval = _seconds(c.health_check_interval_s)
     cluster = _cluster(EXTAUTHZ_CLUSTER, _extauthz_address(c.extauthz), 0.25)
+    http = c.transport == "http"
+    if http:
+        explicit = HttpProtocolOptionsExplicitHttpConfig(
+            http_protocol_options=Http1ProtocolOptions()
+        )
+    else:
+        h2 = Http2ProtocolOptions()
+        if c.authz_max_concurrent_streams:
+            h2.max_concurrent_streams = c.authz_max_concurrent_streams
+        explicit = HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=h2)
     cluster.typed_extension_protocol_options = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
             UpstreamHttpProtocolOptions(
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http2_protocol_options=Http2ProtocolOptions()
-                ),
+                explicit_http_config=explicit,
                 # A stuck connection to extauthz is replaced instead of kept forever.
                 common_http_protocol_options=HttpProtocolOptions(idle_timeout=_seconds(300)),
             )
         )
     }
-    cluster.health_checks = [
-        HealthCheck(
-            timeout=_seconds(1),
-            interval=interval,
-            no_traffic_interval=interval,
-            unhealthy_threshold=2,
-            healthy_threshold=1,
-            grpc_health_check=HealthCheckGrpcHealthCheck(),
-        )
-    ]
+    check = HealthCheck(
+        timeout=_seconds(1),
+        interval=interval,
+        no_traffic_interval=interval,
+        unhealthy_threshold=2,
+        healthy_threshold=1,
+    )
+    if http:  # extauthz answers no health request on the check port: it could be a check
+        check.tcp_health_check = HealthCheckTcpHealthCheck()
+    else:
+        check.grpc_health_check = HealthCheckGrpcHealthCheck()
+    cluster.health_checks = [check]
     cluster.circuit_breakers = CircuitBreakers(
         thresholds=[
             CircuitBreakersThresholds(
@@ -526,7 +635,7 @@ def authz_cluster(c: SidecarConfig) -> Cluster:
                     matcher=StringMatcher(exact=c.extauthz_spiffe_id),
                 )
             ]
-        common = _common_tls(c, ("h2",))
+        common = _common_tls(c, ("http/1.1",) if http else ("h2",))
         if c.sds_socket:  # the bundle comes from SDS; the SAN check is added on top of it
             validation.trusted_ca = None
             common.validation_context_sds_secret_config = None
@@ -572,14 +681,10 @@ def routes(c: SidecarConfig) -> list[Route]:
         )
         for path in c.health_paths
     ]
-    out.append(
-        Route(
-            name=c.route_name,
-            match=RouteMatch(prefix="/"),
-            route=action,
-            typed_per_filter_config={EXT_AUTHZ_NAMESPACE: _any(per_route(c.route_name))},
-        )
-    )
+    main = Route(name=c.route_name, match=RouteMatch(prefix="/"), route=action)
+    if c.transport == "grpc":  # context_extensions reach extauthz only over gRPC
+        main.typed_per_filter_config = {EXT_AUTHZ_NAMESPACE: _any(per_route(c.route_name))}
+    out.append(main)
     return out
 
 
@@ -871,8 +976,30 @@ _COMMENTS: Mapping[Variant, str] = {
 }
 
 
+_HTTP_COMMENTS: Mapping[Variant, str] = {
+    "sidecar": "Sidecar Envoy bootstrap: mTLS ingress -> ext_authz (HTTP, http_service) -> local\n"
+    "service. extauthz serves it with `extauthz serve --http-listen ADDR`; the caller's identity\n"
+    "is the x-forwarded-client-cert this listener sets (SANITIZE_SET, uri). Generated by\n"
+    "`extauthz envoy-config --transport http`; check it with `envoy --mode validate -c FILE`.",
+    "filter": "HTTP filters for an existing HttpConnectionManager, in this order (the router\n"
+    "must stay last). The header_mutation filter has to run before ext_authz. The connection\n"
+    "manager MUST set forward_client_cert_details: SANITIZE_SET and\n"
+    "set_current_client_cert_details: {uri: true}: extauthz reads the caller from that header.",
+    "cluster": "The `extauthz` cluster for static_resources.clusters (HTTP/1.1, TCP health\n"
+    "checks, circuit breakers).",
+    "per-route": "Routes for a virtual host: health paths bypass ext_authz. (Route names reach\n"
+    "extauthz only over gRPC, as context_extensions.)",
+}
+
+
 def render_variant(variant: Variant, c: SidecarConfig | None = None) -> Rendered:
     c = c or SidecarConfig()
+    if c.transport == "http" and variant == "network":
+        raise ValueError(
+            "the network (TCP) ext_authz filter speaks gRPC only: render it with "
+            "--transport grpc (and serve it with extauthz serve --listen)"
+        )
+    comments = _HTTP_COMMENTS if c.transport == "http" else _COMMENTS
     data: Any
     if variant == "sidecar":
         data = to_plain(sidecar_bootstrap(c))
@@ -886,7 +1013,7 @@ def render_variant(variant: Variant, c: SidecarConfig | None = None) -> Rendered
         data = to_plain(network_bootstrap(c))
     else:
         raise ValueError(f"unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
-    return Rendered(variant, data, _COMMENTS[variant])
+    return Rendered(variant, data, comments[variant])
 
 
 __all__ = [
@@ -897,9 +1024,11 @@ __all__ = [
     "NETWORK_EXT_AUTHZ_NAMESPACE",
     "PRINCIPAL_HEADER",
     "TCP_LISTENER_NAME",
+    "TRANSPORTS",
     "VARIANTS",
     "Rendered",
     "SidecarConfig",
+    "Transport",
     "Variant",
     "authz_cluster",
     "config_with_certs_dir",

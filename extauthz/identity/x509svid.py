@@ -8,7 +8,12 @@ The leaf rules of the X509-SVID standard, checked in this order:
 - a key usage extension is present (§4.3: "MUST be present"); without it the certificate could
   be used for anything, including signing other certificates in lax validators;
 - no keyCertSign and no cRLSign (§4.3, §5.2), and digitalSignature set (§4.3);
+- the key usage extension is critical (§4.3);
+- an extended key usage, when present, has both serverAuth and clientAuth (§4.4);
+- an empty subject comes with a critical SAN (§3.1, RFC 5280 §4.1.2.6);
 - valid at `now`.
+The chain itself (signatures, the trust domain's bundle, intermediates, name constraints) is
+Envoy's to verify in the handshake: only the leaf reaches ext_authz.
 
 Parsing costs tens of microseconds, so the immutable facts extracted from a certificate are
 kept in a small bounded LRU keyed by the SHA-256 of the encoded certificate string. Checks that
@@ -25,6 +30,7 @@ from urllib.parse import unquote
 from cachetools import LRUCache
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, parse_workload_id
 from extauthz.identity.xfcc import TrustedElement
@@ -32,6 +38,8 @@ from extauthz.identity.xfcc import TrustedElement
 # A leaf PEM is ~1-3 KB; URL-encoding roughly doubles it. Anything far larger is not a leaf.
 MAX_ENCODED_CERT_LENGTH = 64 * 1024
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
+_SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH.dotted_string
+_CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string
 
 
 class CertificateError(ValueError):
@@ -51,6 +59,11 @@ class CertFacts:
     # Lowercase hex SHA-256 of the DER encoding: what Envoy writes as XFCC `Hash=` and what
     # RFC 8705 `x5t#S256` is the base64url form of.
     sha256: str = ""
+    key_usage_critical: bool = True
+    # Dotted OIDs; None when the certificate has no extended key usage extension.
+    extended_key_usage: tuple[str, ...] | None = None
+    subject_empty: bool = False
+    san_critical: bool = False
 
 
 def parse_certificate(encoded: str) -> CertFacts:
@@ -68,25 +81,24 @@ def parse_certificate(encoded: str) -> CertFacts:
     except (ValueError, UnicodeError) as exc:
         raise CertificateError(f"peer certificate does not parse: {exc}") from None
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
-    except x509.ExtensionNotFound:
-        uris = ()
-    except ValueError as exc:  # malformed extension
-        raise CertificateError(f"peer certificate has a malformed SAN: {exc}") from None
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        is_ca = bool(bc.ca)
-    except x509.ExtensionNotFound:
-        is_ca = False
-    except ValueError as exc:
-        raise CertificateError(f"peer certificate has malformed basic constraints: {exc}") from None
-    try:
-        ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        ku = None
-    except ValueError as exc:
-        raise CertificateError(f"peer certificate has a malformed key usage: {exc}") from None
+        extensions = list(cert.extensions)
+    except ValueError as exc:  # a malformed or duplicated extension
+        raise CertificateError(f"peer certificate has a malformed extension: {exc}") from None
+    uris: tuple[str, ...] = ()
+    san_critical = is_ca = ku_critical = False
+    ku: x509.KeyUsage | None = None
+    eku: tuple[str, ...] | None = None
+    for ext in extensions:
+        value = ext.value
+        if isinstance(value, x509.SubjectAlternativeName):
+            uris = tuple(value.get_values_for_type(x509.UniformResourceIdentifier))
+            san_critical = ext.critical
+        elif isinstance(value, x509.BasicConstraints):
+            is_ca = bool(value.ca)
+        elif isinstance(value, x509.KeyUsage):
+            ku, ku_critical = value, ext.critical
+        elif isinstance(value, x509.ExtendedKeyUsage):
+            eku = tuple(oid.dotted_string for oid in value)
     return CertFacts(
         uri_sans=uris,
         is_ca=is_ca,
@@ -94,6 +106,10 @@ def parse_certificate(encoded: str) -> CertFacts:
         not_before=cert.not_valid_before_utc.timestamp(),
         not_after=cert.not_valid_after_utc.timestamp(),
         sha256=hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
+        key_usage_critical=ku_critical,
+        extended_key_usage=eku,
+        subject_empty=len(cert.subject) == 0,
+        san_critical=san_critical,
     )
 
 
@@ -123,6 +139,15 @@ def check_svid(facts: CertFacts, principal: str, now: float) -> SpiffeId:
         )
     if not ku.digital_signature:
         raise CertificateError("peer certificate lacks the digitalSignature key usage")
+    if not facts.key_usage_critical:
+        raise CertificateError("peer certificate's key usage extension is not critical")
+    eku = facts.extended_key_usage
+    if eku is not None and not (_SERVER_AUTH in eku and _CLIENT_AUTH in eku):
+        raise CertificateError(
+            "peer certificate's extended key usage lacks serverAuth or clientAuth"
+        )
+    if facts.subject_empty and not facts.san_critical:
+        raise CertificateError("peer certificate has an empty subject and a non-critical SAN")
     if now < facts.not_before:
         raise CertificateError("peer certificate is not yet valid")
     if now >= facts.not_after:
@@ -158,41 +183,22 @@ class CertCache:
         return len(self._cache)
 
 
-_PEM_END_ENCODED = "-----END%20CERTIFICATE-----"
-
-
 def check_forwarded_certificate(
     certs: CertCache, element: TrustedElement, now: float
 ) -> float | None:
-    """Bind an XFCC element's `Cert=`/`Chain=`/`Hash=` to its `URI=`; return the forwarded
-    certificate's notAfter (None when only a hash was forwarded).
+    """The certificate an XFCC element forwards (`Cert=` or the leaf of `Chain=`, already
+    bound to `Hash=` by `xfcc.check_element`) must be an X509-SVID whose single URI SAN is the
+    element's `URI=`; return its notAfter (None when no certificate was forwarded).
 
-    Envoy writes `Hash=` as the lowercase hex SHA-256 of the peer leaf's DER, `Cert=` as that
-    leaf URL-encoded, and `Chain=` as the whole chain, leaf first. When they are present they
-    must all describe one certificate, and that certificate must be an X509-SVID whose single
-    URI SAN is the element's `URI=`: otherwise something between the client and us rewrote
-    part of the element (or a SAN injected it), and none of it can be trusted.
+    A certificate that disagrees with `URI=` means something between the client and us
+    rewrote part of the element (or a SAN injected it), and none of it can be trusted.
     """
-    cert = element.cert
-    if element.chain:
-        chain = element.chain
-        if cert:
-            if not chain.startswith(cert):
-                raise CertificateError("XFCC Chain= does not start with the Cert= certificate")
-        else:
-            end = chain.find(_PEM_END_ENCODED)
-            if end < 0:
-                raise CertificateError("XFCC Chain= holds no complete certificate")
-            end += len(_PEM_END_ENCODED)
-            cert = chain[: end + 3] if chain[end : end + 3].upper() == "%0A" else chain[:end]
-    if not cert:
+    if not element.cert:
         return None
     try:
-        facts = certs.facts(cert)
+        facts = certs.facts(element.cert)
     except CertificateError as exc:
         raise CertificateError(f"XFCC certificate: {exc}") from None
-    if element.hash and facts.sha256 != element.hash:
-        raise CertificateError("XFCC Hash= is not the SHA-256 of the forwarded certificate")
     try:
         check_svid(facts, element.uri, now)
     except CertificateError as exc:

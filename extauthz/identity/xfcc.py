@@ -24,6 +24,9 @@ characters, empty elements or pairs, repeated single-valued keys) instead of gue
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -169,44 +172,76 @@ def _element(pairs: list[tuple[str, str]]) -> XfccElement:
 
 @dataclass(frozen=True, slots=True)
 class TrustedElement:
-    """The rightmost element, once its structure binds it to the forwarding proxy.
+    """An element whose structure binds it to one certificate.
 
-    `hash`, `cert` and `chain` are as written ("" when absent); whether the certificate agrees
-    with them and with `uri` is checked by `x509svid.check_forwarded_certificate`."""
+    `cert` is the forwarded leaf, URL-encoded as Envoy writes it (`Cert=`, or the first
+    certificate of `Chain=`), "" when neither was forwarded; `hash` is `Hash=` ("" when
+    absent). Whether that certificate is an X509-SVID for `uri` is checked by
+    `x509svid.check_forwarded_certificate`."""
 
     spiffe_id: SpiffeId
     uri: str
     hash: str
     cert: str
-    chain: str
     subject: str | None
+
+
+def check_element(element: XfccElement) -> TrustedElement:
+    """The rules every element Envoy writes satisfies, or XfccError naming the one broken.
+
+    Envoy writes its element's pairs in a fixed order — `By`, `Hash`, `Cert`, `Chain`,
+    `Subject`, `URI`, `DNS` — with URI and DNS last and unescaped. A client whose SAN holds
+    `;` can append pairs, which then repeat a single-valued key or `URI=`, come out of that
+    order (`Subject=` after `URI=`, `URI=` after `DNS=`), or use a key Envoy never writes.
+    Then: exactly one `URI=`, a SPIFFE ID with a path; `Hash=` a lowercase hex SHA-256; and
+    `Hash=`, `Cert=` and `Chain=` (leaf first) describing one certificate.
+    """
+    rank = 0
+    for key, _ in element.pairs:
+        at = _ENVOY_ORDER.get(key)
+        if at is None:
+            raise XfccError(f"the element has {key.upper()}=, which Envoy never writes")
+        if at < rank:
+            raise XfccError(
+                f"the element has {key.upper()}= after URI/DNS or out of Envoy's order "
+                "(a SAN with ';' may have injected it)"
+            )
+        rank = at
+    uris = element.values("uri")
+    if len(uris) != 1:
+        raise XfccError(f"XFCC element must carry exactly one URI, has {len(uris)}")
+    if not uris[0]:  # Envoy writes `URI=` for a verified certificate without a URI SAN
+        raise XfccError("the certificate has no URI SAN: not a workload identity")
+    try:
+        sid = parse_workload_id(uris[0])
+    except SpiffeIdError as exc:
+        raise XfccError(f"XFCC URI is not a SPIFFE ID of a workload: {exc}") from None
+    digest = element.get("hash")
+    if digest is not None and not _SHA256_HEX.fullmatch(digest):
+        raise XfccError("XFCC Hash= is not a lowercase hex SHA-256")
+    cert = element.get("cert") or ""
+    chain = element.get("chain") or ""
+    if chain:
+        leaf = _first_certificate(chain)
+        if cert and leaf != cert:
+            raise XfccError("XFCC Chain= does not start with the Cert= certificate")
+        cert = leaf
+    if cert and digest is not None and certificate_sha256(cert) != digest:
+        raise XfccError("XFCC Hash= is not the SHA-256 of the forwarded certificate")
+    return TrustedElement(sid, uris[0], digest or "", cert, element.get("subject"))
 
 
 def trusted_element(elements: tuple[XfccElement, ...], proxy: str) -> TrustedElement:
     """The client identity the proxy `proxy` (the verified peer that sent the header) vouches
     for, or XfccError saying which rule failed.
 
-    Envoy appends its element on the right, with `By=` naming its own certificate's URI SAN,
-    then `Hash=`, then the peer certificate's details, `URI=`/`DNS=` last and unescaped. A
-    client whose SAN holds `,` or `;` can therefore append text that parses as further pairs or
-    elements. Such text either lacks `By=<proxy>` in the rightmost element, or repeats a
-    single-valued key or `URI=`, or makes an element to the left also claim `By=<proxy>`, or
-    puts a pair out of the order Envoy writes them in (`Subject=` after `URI=`), or adds a key
-    Envoy never writes — each of which is refused here. Only the rightmost element is read;
-    elements to its left came from further away and are not trusted.
+    Envoy appends its element on the right, with `By=` naming its own certificate's URI SAN.
+    Text a client appends through a SAN with `,` either lacks `By=<proxy>` in the rightmost
+    element or makes an element to the left also claim `By=<proxy>`; both are refused, and the
+    rightmost element must pass `check_element`. Only the rightmost element is read; elements
+    to its left came from further away and are not trusted.
     """
     last = elements[-1]
-    rank = 0
-    for key, _ in last.pairs:
-        at = _ENVOY_ORDER.get(key)
-        if at is None:
-            raise XfccError(f"the rightmost element has {key.upper()}=, which Envoy never writes")
-        if at < rank:
-            raise XfccError(
-                f"the rightmost element has {key.upper()}= after URI/DNS or out of Envoy's "
-                "order (a SAN with ';' may have injected it)"
-            )
-        rank = at
     by = last.values("by")
     if not by:
         raise XfccError("the rightmost element has no By= naming the forwarding proxy")
@@ -218,24 +253,58 @@ def trusted_element(elements: tuple[XfccElement, ...], proxy: str) -> TrustedEle
                 "an element left of the rightmost also names the forwarding proxy in By= "
                 "(a SAN with ',' may have injected an element)"
             )
-    uris = last.values("uri")
-    if len(uris) != 1:
-        raise XfccError(f"XFCC element must carry exactly one URI, has {len(uris)}")
+    return check_element(last)
+
+
+def sidecar_element(elements: tuple[XfccElement, ...]) -> TrustedElement:
+    """The peer a sidecar states with `forward_client_cert_details: SANITIZE_SET`: exactly one
+    element (a second one can only come from a SAN with ','), passing `check_element`."""
+    if len(elements) != 1:
+        raise XfccError(
+            f"XFCC has {len(elements)} elements; the sidecar sets exactly one "
+            "(forward_client_cert_details: SANITIZE_SET)"
+        )
+    return check_element(elements[0])
+
+
+_PEM_BEGIN_ENCODED = "-----BEGIN%20CERTIFICATE-----"
+_PEM_END_ENCODED = "-----END%20CERTIFICATE-----"
+
+
+def _first_certificate(chain: str) -> str:
+    """The leaf of an URL-encoded PEM chain, encoded exactly as it appears there."""
+    end = chain.find(_PEM_END_ENCODED)
+    if not chain.startswith(_PEM_BEGIN_ENCODED) or end < 0:
+        raise XfccError("XFCC Chain= does not start with a complete certificate")
+    end += len(_PEM_END_ENCODED)
+    return chain[: end + 3] if chain[end : end + 3].upper() == "%0A" else chain[:end]
+
+
+def certificate_sha256(encoded: str) -> str:
+    """Lowercase hex SHA-256 of the DER of one URL-encoded PEM certificate (what Envoy writes as
+    `Hash=`), without parsing the certificate. XfccError if it is not one PEM block."""
+    text = _percent_decode(encoded)
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    if not text.startswith(begin) or text.count(begin) != 1 or not text.rstrip().endswith(end):
+        raise XfccError("XFCC Cert= is not one PEM certificate")
+    body = text[len(begin) : text.rindex(end)]
     try:
-        sid = parse_workload_id(uris[0])
-    except SpiffeIdError as exc:
-        raise XfccError(f"XFCC URI is not a SPIFFE ID of a workload: {exc}") from None
-    digest = last.get("hash") or ""
-    if "hash" in last.as_dict() and not _SHA256_HEX.fullmatch(digest):
-        raise XfccError("XFCC Hash= is not a lowercase hex SHA-256")
-    return TrustedElement(
-        spiffe_id=sid,
-        uri=uris[0],
-        hash=digest,
-        cert=last.get("cert") or "",
-        chain=last.get("chain") or "",
-        subject=last.get("subject"),
-    )
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise XfccError("XFCC Cert= is not base64 PEM") from None
+    return hashlib.sha256(der).hexdigest()
+
+
+def _percent_decode(text: str) -> str:
+    if "%" not in text:
+        return text
+    parts = text.split("%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        if len(part) < 2 or part[0] not in _HEXDIGITS or part[1] not in _HEXDIGITS:
+            raise XfccError("XFCC certificate has a malformed %-escape")
+        out.append(chr(int(part[:2], 16)) + part[2:])
+    return "".join(out)
 
 
 # -- RFC 2253 subjects, as Envoy prints them --------------------------------------------------

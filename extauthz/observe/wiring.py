@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from extauthz.decide.pipeline import CheckResult
 from extauthz.model import Request
 from extauthz.observe.decision_log import DecisionLog, open_decision_log
-from extauthz.observe.tracing import NO_TRACE, SpanRecorder, Tracing, recorder_for, setup_tracing
+from extauthz.observe.tracing import NO_TRACE, SpanRecorder
+from extauthz.observe.tracing_sdk import Tracing, recorder_for, setup_tracing
 from extauthz.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are enabled

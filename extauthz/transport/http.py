@@ -56,7 +56,7 @@ from extauthz.app import App, strip_headers_of
 from extauthz.decide.pipeline import REALM, CheckResult
 from extauthz.decide.ratelimit import rate_limit_headers
 from extauthz.identity.resolver import www_authenticate
-from extauthz.identity.xfcc import XfccError, parse_xfcc
+from extauthz.identity.xfcc import XfccError, parse_xfcc, sidecar_element
 from extauthz.model import Decision, IdentityFailure, IdentitySource, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 from extauthz.transport.tls import TlsConfig
@@ -232,16 +232,13 @@ def peer_from_xfcc(value: str) -> Peer:
         elements = parse_xfcc(value)
     except XfccError as exc:
         return Peer(problem=f"malformed {XFCC_HEADER}: {exc}")
-    if len(elements) != 1:
-        return Peer(problem=f"{XFCC_HEADER} has {len(elements)} elements; the sidecar sets "
-                            "exactly one (forward_client_cert_details: SANITIZE_SET)")
-    uris = elements[0].values("uri")
-    if len(uris) != 1:
-        return Peer(problem=f"{XFCC_HEADER} carries {len(uris)} URIs; exactly one is required")
-    certs = elements[0].values("cert")
-    if len(certs) > 1:
-        return Peer(problem=f"{XFCC_HEADER} carries {len(certs)} certificates")
-    return Peer(principal=uris[0], certificate=certs[0] if certs else "")
+    try:
+        # Envoy writes URI=/DNS= unescaped: the element rules (identity/xfcc.py) refuse what a
+        # SAN with ',' or ';' could add, and bind Hash=/Cert=/Chain= to one certificate.
+        element = sidecar_element(elements)
+    except XfccError as exc:
+        return Peer(problem=f"{XFCC_HEADER}: {exc}")
+    return Peer(principal=element.uri, certificate=element.cert)
 
 
 class _Refused(Exception):

@@ -59,18 +59,28 @@ def _escape_value(value: str) -> str:
     return "".join(out)
 
 
+def printed_entries(name: x509.Name) -> list[list[tuple[str, str]]]:
+    """The RDNs as X509_NAME_print_ex prints them with XN_FLAG_DN_REV: the flat list of
+    entries in encoded order, reversed — so the attributes *inside* a multi-valued RDN come
+    out reversed too (`OU=x+CN=y` for a set encoded CN, OU)."""
+    flat = [(index, _SHORT_NAMES.get(attr.oid, attr.oid.dotted_string), attr.value)
+            for index, rdn in enumerate(name.rdns) for attr in rdn]
+    out: list[list[tuple[str, str]]] = []
+    last = None
+    for index, short, value in reversed(flat):
+        assert isinstance(value, str)
+        if index != last:
+            out.append([])
+            last = index
+        out[-1].append((short, value))
+    return out
+
+
 def rfc2253(name: x509.Name) -> str:
-    """`Subject=` content: X509_NAME_print_ex(..., XN_FLAG_RFC2253) — RDNs last-first, joined
-    by ',', multi-valued RDNs joined by '+'."""
-    rdns = []
-    for rdn in reversed(list(name.rdns)):
-        parts = []
-        for attr in rdn:
-            short = _SHORT_NAMES.get(attr.oid, attr.oid.dotted_string)
-            assert isinstance(attr.value, str)
-            parts.append(f"{short}={_escape_value(attr.value)}")
-        rdns.append("+".join(parts))
-    return ",".join(rdns)
+    """`Subject=` content: X509_NAME_print_ex(..., XN_FLAG_RFC2253) — entries last-first,
+    RDNs joined by ',', the entries of a multi-valued RDN by '+'."""
+    return ",".join("+".join(f"{short}={_escape_value(value)}" for short, value in rdn)
+                    for rdn in printed_entries(name))
 
 
 def xfcc_element(

@@ -12,23 +12,28 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import socket
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from jwt.algorithms import ECAlgorithm
 
 from extauthz.app import App, build_app
+from extauthz.identity.xfcc import certificate_sha256
 from extauthz.settings import Settings
 from extauthz.transport.grpc_proto import REASON_HEADER
 from extauthz.transport.grpc_server import AuthorizationServicer, response_options
+from extauthz.transport.http import HttpTransport as HttpServer
 from tests.conformance.envoy_model import url_encoded_pem, xfcc_element
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC).timestamp()
@@ -44,6 +49,9 @@ _CA_KEY = ec.generate_private_key(ec.SECP256R1())
 _LEAF_KEY = ec.generate_private_key(ec.SECP256R1())
 JWT_KEY = ec.generate_private_key(ec.SECP256R1())
 
+EKU_OIDS = {"serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
+            "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
+            "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING}
 KEY_USAGE_BITS = ("digital_signature", "content_commitment", "key_encipherment",
                   "data_encipherment", "key_agreement", "key_cert_sign", "crl_sign")
 
@@ -62,32 +70,41 @@ def make_cert(
     ku: Sequence[str] | None = ("digital_signature",),
     ku_critical: bool = True,
     ca: bool | None = False,
+    eku: Sequence[str] | None = None,
     not_before: float = NOW - 3600,
     not_after: float = NOW + 3600,
     subject: x509.Name | None = None,
+    san_critical: bool = False,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
 ) -> x509.Certificate:
     """A leaf signed by a test CA (Envoy verified the chain before extauthz sees it)."""
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     names += [x509.DNSName(d) for d in dns]
     builder = (
         x509.CertificateBuilder()
-        .subject_name(subject or x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")])
+                      if subject is None else subject)
         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "conformance CA")]))
-        .public_key(_LEAF_KEY.public_key())
+        .public_key((key or _LEAF_KEY).public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
         .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
     )
     if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=san_critical)
     if ca is not None:
         builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
     if ku is not None:
         builder = builder.add_extension(key_usage(ku), critical=ku_critical)
+    if eku is not None:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([EKU_OIDS[name] for name in eku]), critical=False)
     return builder.sign(_CA_KEY, hashes.SHA256())
 
 
-PROXY_CERT = make_cert((PROXY,))
+# Valid for the whole century: vectors are checked at the time their certificates were valid.
+PROXY_CERT = make_cert((PROXY,), not_before=dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp(),
+                       not_after=dt.datetime(2099, 1, 1, tzinfo=dt.UTC).timestamp())
 
 
 def jwt_svid(sub: str, issuer: str, **claims: Any) -> str:
@@ -111,6 +128,9 @@ class Call:
     path: str = ANY_PATH
     method: str = "GET"
     host: str = HOST
+    # HTTP transport only: the sidecar's own XFCC element, verbatim (else built from
+    # principal/certificate as Envoy writes it).
+    sidecar_xfcc: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +148,13 @@ class Answer:
 class Transport(Protocol):
     name: str
 
+    def cannot_carry(self, call: Call) -> str:
+        """Why this transport cannot express `call` ("" when it can)."""
+        ...
+
     def check(self, call: Call) -> Answer: ...
+
+    def close(self) -> None: ...
 
 
 class GrpcTransport:
@@ -139,6 +165,14 @@ class GrpcTransport:
     def __init__(self, app: App, loop: asyncio.AbstractEventLoop) -> None:
         self._servicer = AuthorizationServicer(app, response_options(app.settings))
         self._loop = loop
+
+    def cannot_carry(self, call: Call) -> str:
+        if call.sidecar_xfcc is not None:
+            return "over gRPC the peer comes from the TLS connection, not a sidecar header"
+        return ""
+
+    def close(self) -> None:
+        """Nothing to release: the servicer is called in-process."""
 
     def check(self, call: Call) -> Answer:
         request = ea.CheckRequest()
@@ -161,9 +195,114 @@ class GrpcTransport:
         )
 
 
-# One line per transport. HTTP (engineer B's transport/http.py) is added here when it lands.
+SIDECAR = "spiffe://svc.conformance.test/ns/svc/sa/sidecar"
+_NO_CERT_HASH = "0f" * 32
+
+
+class HttpTransport:
+    """The HTTP transport (transport/http.py) on a uvloop thread, over a loopback socket.
+
+    Envoy's http_service sends no `source.principal`/`source.certificate`: the local sidecar
+    states the verified peer in its own single XFCC element (SANITIZE_SET), which is what
+    this adapter writes from the call's principal and certificate, exactly as Envoy would.
+    A call that already carries an XFCC header (a gateway's element) cannot be expressed: the
+    sidecar replaces it."""
+
+    name = "http"
+
+    def __init__(self, app: App, loop: asyncio.AbstractEventLoop) -> None:
+        del loop  # this transport runs on its own loop
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = HttpServer(app)
+        bound = asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(30)
+        host, _, port = bound[0].removeprefix("http://").rpartition(":")
+        self._address = (host, int(port))
+        self._sock: socket.socket | None = None
+
+    def cannot_carry(self, call: Call) -> str:
+        if XFCC in call.headers:
+            return "the sidecar's own XFCC element replaces a forwarded one (SANITIZE_SET)"
+        texts = [call.principal, call.sidecar_xfcc or "", *call.headers.values()]
+        if any(ch in "\r\n\x00" or ord(ch) < 0x20 or ord(ch) == 0x7F
+               for text in texts for ch in text if ch != "\t"):
+            return "Envoy never sends control characters in a header value"
+        return ""
+
+    def _element(self, call: Call) -> str:
+        if call.certificate:
+            digest = certificate_sha256(call.certificate)
+            return (f"By={SIDECAR};Hash={digest};Cert=\"{call.certificate}\";"
+                    f"URI={call.principal}")
+        return f"By={SIDECAR};Hash={_NO_CERT_HASH};URI={call.principal}"
+
+    def check(self, call: Call) -> Answer:
+        assert not self.cannot_carry(call), self.cannot_carry(call)
+        lines = [f"{call.method} {call.path} HTTP/1.1", f"host: {call.host}", "content-length: 0"]
+        if call.sidecar_xfcc is not None:
+            lines.append(f"{XFCC}: {call.sidecar_xfcc}")
+        elif call.principal or call.certificate:
+            lines.append(f"{XFCC}: {self._element(call)}")
+        lines += [f"{k}: {v}" for k, v in call.headers.items()]
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        status, headers = self._exchange(raw)
+        if status == 200:
+            return Answer(200, "allowed", principal=headers.get("principal", ""))
+        return Answer(status, headers.get(REASON_HEADER, ""),
+                      challenge=headers.get("www-authenticate", ""))
+
+    def _exchange(self, raw: bytes) -> tuple[int, dict[str, str]]:
+        for attempt in (1, 2):
+            if self._sock is None:
+                self._sock = socket.create_connection(self._address, timeout=10)
+            try:
+                self._sock.sendall(raw)
+                return self._read_reply(self._sock)
+            except (ConnectionError, OSError):
+                self._sock.close()
+                self._sock = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read_reply(self, sock: socket.socket) -> tuple[int, dict[str, str]]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before a reply")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        if headers.get("connection") == "close":
+            sock.close()
+            self._sock = None
+        return int(lines[0].split(" ")[1]), headers
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+# One line per transport.
 TRANSPORTS: dict[str, Callable[[App, asyncio.AbstractEventLoop], Transport]] = {
     "grpc": GrpcTransport,
+    "http": HttpTransport,
 }
 
 
@@ -234,14 +373,17 @@ def build_harness(
         ]
     clock = Clock()
     app = build_app(Settings(policy=tmp / "policy", identity=section, decision_log="none",
-                             tracing=False), clock=clock)
+                             tracing=False, listen=(), http_listen=("127.0.0.1:0",)),
+                    clock=clock)
     assert app.store.reload(), "conformance policy did not load"
     for cache in app.keys.caches:
         assert cache.refresh(), "conformance JWKS did not load"
     loop = asyncio.new_event_loop()
+    edge = TRANSPORTS[transport](app, loop)
     try:
-        yield Harness(app, clock, TRANSPORTS[transport](app, loop))
+        yield Harness(app, clock, edge)
     finally:
+        edge.close()
         app.keys.stop()
         loop.close()
 
@@ -296,3 +438,6 @@ def leaf_for(sid: str) -> x509.Certificate | None:
 
 
 CHANNELS = ("principal", "peer_certificate", "xfcc", "jwt_svid")
+# The HTTP transport learns the peer only from its sidecar's own XFCC element, so a gateway's
+# forwarded element cannot reach it (test_xfcc_vectors checks that a chain of them is refused).
+CHANNELS_OF = {"grpc": CHANNELS, "http": ("principal", "peer_certificate", "jwt_svid")}

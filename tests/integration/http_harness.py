@@ -54,7 +54,7 @@ rules:
 
 def xfcc(principal: str = CHECKOUT) -> str:
     """What a sidecar with SANITIZE_SET + uri: true sets: one element, one URI."""
-    return f"By={SIDECAR};Hash=0123abcd;URI={principal}"
+    return f"By={SIDECAR};Hash={'0123abcd' * 8};URI={principal}"  # Hash: 64 hex, as Envoy
 
 
 def check(method: str = "GET", path: str = "/v1/orders/1", host: str = HOST,

@@ -71,6 +71,7 @@ OPTIONS = {
         extauthz_spiffe_id="spiffe://cluster.local/ns/authz/sa/extauthz",
     ),
     "renamed-principal-header": SidecarConfig(principal_header="x-caller-identity"),
+    "grpc-streams-for-workers": SidecarConfig(authz_max_concurrent_streams=8),
     "body-metadata-file-log": SidecarConfig(
         request_body_max_bytes=4096,
         metadata_namespaces=("envoy.filters.http.jwt_authn",),
@@ -81,6 +82,91 @@ OPTIONS = {
         admin_port=0,
     ),
 }
+
+
+# The HTTP transport (`--transport http`): every variant but the network one (gRPC only).
+HTTP_OPTIONS = {
+    "http-defaults": SidecarConfig(transport="http"),
+    "http-unix-health-paths": SidecarConfig(
+        transport="http", extauthz="unix:/run/extauthz/authz.sock", health_paths=("/healthz",)
+    ),
+    "http-mtls-to-extauthz": SidecarConfig(
+        transport="http",
+        extauthz="extauthz.authz.svc.cluster.local:9292",
+        extauthz_tls=True,
+        extauthz_spiffe_id="spiffe://cluster.local/ns/authz/sa/extauthz",
+    ),
+    "http-spire-sds": SidecarConfig(
+        transport="http",
+        sds_socket="unix:/run/spire/sockets/agent.sock",
+        extauthz="extauthz.authz.svc:9292",
+        extauthz_tls=True,
+        extauthz_spiffe_id="spiffe://cluster.local/ns/authz/sa/extauthz",
+    ),
+    "http-renamed-header-policy-headers": SidecarConfig(
+        transport="http", principal_header="x-caller-identity",
+        authz_headers=("x-tenant", "x-debug"), access_log_path="/dev/null",
+        route_name="orders-api", listen_port=0, admin_port=0,
+    ),
+}
+HTTP_VARIANTS = [v for v in VARIANTS if v != "network"]
+
+
+@pytest.mark.parametrize("variant", HTTP_VARIANTS)
+@pytest.mark.parametrize("option", sorted(HTTP_OPTIONS))
+def test_http_transport_variant_validates(
+    envoy_bin: str, certs_dir: Path, tmp_path: Path, variant: Variant, option: str
+) -> None:
+    config = config_with_certs_dir(str(certs_dir), HTTP_OPTIONS[option])
+    path = tmp_path / f"{variant}-{option}.yaml"
+    path.write_text(yaml.safe_dump(as_bootstrap(variant, config), sort_keys=False))
+    _assert_valid(envoy_bin, path)
+
+
+def test_http_transport_has_no_network_variant_and_refuses_grpc_only_settings() -> None:
+    with pytest.raises(ValueError, match="speaks gRPC only"):
+        render_variant("network", SidecarConfig(transport="http"))
+    with pytest.raises(ValueError, match="no request body"):
+        SidecarConfig(transport="http", request_body_max_bytes=10)
+    with pytest.raises(ValueError, match="only over gRPC"):
+        SidecarConfig(transport="http", metadata_namespaces=("envoy.filters.http.jwt_authn",))
+
+
+def test_http_transport_sidecar_sends_the_sanitized_xfcc_and_strips_trusted_headers() -> None:
+    doc = render_variant("sidecar", SidecarConfig(transport="http")).data
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["forward_client_cert_details"] == "SANITIZE_SET"
+    assert hcm["set_current_client_cert_details"] == {"uri": True}
+    strip, authz, _router = hcm["http_filters"]
+    assert [m["remove"] for m in strip["typed_config"]["mutations"]["request_mutations"]] == [
+        "x-extauthz-principal", "x-extauthz-rule"]
+    config = authz["typed_config"]
+    sent = [p["exact"] for p in config["allowed_headers"]["patterns"]]
+    assert "x-forwarded-client-cert" in sent and "authorization" in sent
+    response = config["http_service"]["authorization_response"]
+    meta = [p["exact"] for p in response["dynamic_metadata_from_headers"]["patterns"]]
+    assert meta == ["principal", "identity_source", "rule", "decision", "reason",
+                    "policy_version"]
+    assert "include_peer_certificate" not in config and "grpc_service" not in config
+    [cluster] = [c for c in doc["static_resources"]["clusters"] if c["name"] == "extauthz"]
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http_protocol_options" in options["explicit_http_config"]
+    assert "tcp_health_check" in cluster["health_checks"][0]
+
+
+def test_cli_renders_the_http_transport_and_it_validates(
+    envoy_bin: str, certs_dir: Path, tmp_path: Path
+) -> None:
+    from extauthz.cli.main import main
+
+    out = tmp_path / "http.yaml"
+    assert main(["envoy-config", "--transport", "http", "--authz-header", "X-Tenant",
+                 "--certs-dir", str(certs_dir), "-o", str(out)]) == 0
+    _assert_valid(envoy_bin, out)
+    assert "exact: x-tenant" in out.read_text()
+    assert main(["envoy-config", "--transport", "http", "--variant", "network",
+                 "-o", str(tmp_path / "n.yaml")]) == 2
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

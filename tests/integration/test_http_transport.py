@@ -66,6 +66,7 @@ def test_no_xfcc_is_401_no_identity_never_an_allow(server) -> None:  # type: ign
     f"By={SIDECAR};URI={CHECKOUT},By={SIDECAR};URI={BILLING}",  # two elements (APPEND_FORWARD)
     f"By={SIDECAR};URI={CHECKOUT};URI={BILLING}",  # two URIs
     f"By={SIDECAR};Hash=ab",  # no URI
+    f"By={SIDECAR};Hash=ab;URI=",  # what Envoy writes for a certificate without a URI SAN
     f'By={SIDECAR};URI="{CHECKOUT}',  # unterminated quote
     f"By={SIDECAR};URI=https://not-spiffe.example/x",  # not a SPIFFE ID
 ])
@@ -266,8 +267,15 @@ def test_connections_beyond_the_limit_are_closed_at_once(tmp_path: Path) -> None
 
 
 def test_peer_from_sanitize_set_xfcc_reads_uri_and_cert() -> None:
-    peer = peer_from_xfcc(f'By={SIDECAR};Hash=ab;Cert="-----BEGIN%20CERT";URI={CHECKOUT}')
-    assert (peer.principal, peer.certificate, peer.problem) == (CHECKOUT, "-----BEGIN%20CERT", "")
+    from tests.conformance.envoy_model import url_encoded_pem, xfcc_element
+    from tests.conformance.harness import make_cert
+
+    cert = make_cert((CHECKOUT,))
+    peer = peer_from_xfcc(xfcc_element(by=[SIDECAR], cert=cert, include_cert=True))
+    assert (peer.principal, peer.certificate, peer.problem) == (CHECKOUT, url_encoded_pem(cert), "")
+    # A Cert= that Hash= does not describe is refused (identity/xfcc.py check_element).
+    forged = xfcc_element(by=[SIDECAR], cert=cert, include_cert=True, digest="ab" * 32)
+    assert "Hash= is not the SHA-256" in peer_from_xfcc(forged).problem
 
 
 def test_http_listen_must_be_loopback_unix_or_tls() -> None:

@@ -247,6 +247,7 @@ def test_cli_defaults_mirror_the_builder() -> None:
     from extauthz.envoyconf import config as envoy_config
 
     assert cli_envoy.VARIANTS == envoy_config.VARIANTS
+    assert cli_envoy.TRANSPORTS == envoy_config.TRANSPORTS
     assert cli_envoy.DEFAULT_CERTS_DIR == envoy_config.DEFAULT_CERTS_DIR
     builder = SidecarConfig()
     for f in dataclasses.fields(cli_envoy.DEFAULTS):

@@ -15,13 +15,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from extauthz.decide.pipeline import CheckResult
 from extauthz.decide.ratelimit import LimitResult
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
-from extauthz.observe.tracing import (
-    NO_TRACE,
-    BoundedSpanProcessor,
-    SpanRecorder,
-    parent_of,
-    setup_tracing,
-)
+from extauthz.observe.tracing import NO_TRACE, SpanRecorder, parent_of
+from extauthz.observe.tracing_sdk import BoundedSpanProcessor, setup_tracing
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -143,7 +138,10 @@ def test_invalid_traceparent_is_ignored_and_b3_used() -> None:
     assert parent_of({"traceparent": f"ff-{TRACE}-{PARENT}-01"}) is None
     assert parent_of({"traceparent": "garbage"}) is None
     found = parent_of({"traceparent": "garbage", "b3": f"{TRACE}-{PARENT}-1"})
-    assert found is not None and found.format == "b3" and found.sampled
+    assert found is not None and found.trace_id == TRACE and found.sampled
+    other = "a" * 32
+    both = parent_of({"traceparent": f"00-{other}-{PARENT}-01", "b3": f"{TRACE}-{PARENT}-1"})
+    assert both is not None and both.trace_id == other  # a valid W3C context wins
     # A future version may add fields; version 00 may not.
     assert parent_of({"traceparent": f"01-{TRACE}-{PARENT}-01-extra"}) is not None
     assert parent_of({"traceparent": f"00-{TRACE}-{PARENT}-01-extra"}) is None
@@ -291,6 +289,43 @@ def test_setup_otlp_builds_the_exporter_without_connecting() -> None:
     tracing = setup_tracing(True, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
     assert tracing is not None and tracing.exporter_name == "otlp"
     tracing.shutdown()
-    tracing = setup_tracing(True, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    tracing = setup_tracing(True, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                                   "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:1"})
     assert tracing is not None
     tracing.shutdown()
+
+
+def test_the_per_check_half_never_imports_the_sdk() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, extauthz.observe.tracing; "
+            "bad = sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')); "
+            "print(bad); raise SystemExit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_exporter_configured_means_no_sdk_and_no_spans() -> None:
+    from extauthz.observe.wiring import build_observers
+    from extauthz.settings import Settings
+
+    assert setup_tracing(True, {}) is None
+    assert setup_tracing(True, {"OTEL_SERVICE_NAME": "x", "OTEL_TRACES_SAMPLER": "always_on"}) is None
+    obs = build_observers(Settings(decision_log="none"), environ={})
+    try:
+        assert obs.tracing is None
+        assert obs.observers == ()  # nothing at all runs per check
+    finally:
+        obs.close()
+    tracing = setup_tracing(True, {"OTEL_TRACES_EXPORTER": "console"})
+    assert tracing is not None
+    tracing.shutdown()
+
+
+def test_b3_sampling_only_deny_records_nothing_even_with_a_root_sampler() -> None:
+    rec, exporter = recorder(root_sampled=True)
+    for headers in ({"b3": "0"}, {"x-b3-sampled": "0"}):
+        assert rec.record(request(headers), ALLOW, 0.001) == NO_TRACE
+    assert exporter.get_finished_spans() == ()

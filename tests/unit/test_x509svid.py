@@ -115,6 +115,36 @@ def test_leaf_id_without_a_path_is_not_a_workload(uri: str) -> None:
         verify(make_cert((uri,)), principal=uri)
 
 
+def test_key_usage_must_be_critical() -> None:
+    from tests.conformance.envoy_model import url_encoded_pem
+    from tests.conformance.harness import make_cert as leaf
+
+    with pytest.raises(CertificateError, match="not critical"):
+        verify(url_encoded_pem(leaf((ID,), ku_critical=False, not_before=NOW - 60)))
+
+
+@pytest.mark.parametrize("eku", [("serverAuth",), ("clientAuth",), ("codeSigning",)])
+def test_extended_key_usage_when_present_needs_server_and_client_auth(eku: tuple[str]) -> None:
+    from tests.conformance.envoy_model import url_encoded_pem
+    from tests.conformance.harness import make_cert as leaf
+
+    with pytest.raises(CertificateError, match="serverAuth or clientAuth"):
+        verify(url_encoded_pem(leaf((ID,), eku=eku, not_before=NOW - 60)))
+    both = leaf((ID,), eku=("clientAuth", "serverAuth"), not_before=NOW - 60)
+    assert verify(url_encoded_pem(both)) == ID
+
+
+def test_empty_subject_needs_a_critical_san() -> None:
+    from tests.conformance.envoy_model import url_encoded_pem
+    from tests.conformance.harness import make_cert as leaf
+
+    empty = x509.Name([])
+    with pytest.raises(CertificateError, match="empty subject"):
+        verify(url_encoded_pem(leaf((ID,), subject=empty, not_before=NOW - 60)))
+    ok = leaf((ID,), subject=empty, san_critical=True, not_before=NOW - 60)
+    assert verify(url_encoded_pem(ok)) == ID
+
+
 def test_facts_carry_the_der_sha256() -> None:
     enc = make_cert()
     from urllib.parse import unquote
