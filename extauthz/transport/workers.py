@@ -34,16 +34,6 @@ def _metrics_address(settings: Settings, index: int) -> str:
 def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
     """Start `settings.workers` workers with the same arguments and supervise them."""
     children: list[subprocess.Popen[bytes]] = []
-    for index in range(settings.workers):
-        extra = ["--workers", "1"]
-        if settings.metrics_listen:  # one metrics port per worker: base port + index
-            extra += ["--metrics-listen", _metrics_address(settings, index)]
-        env = {**os.environ, "EXTAUTHZ_WORKER_INDEX": str(index)}
-        argv = [sys.executable, "-m", "extauthz", "serve", *serve_argv, *extra]
-        children.append(subprocess.Popen(argv, env=env))
-    log.info("workers started", extra={"event": "workers_started",
-                                        "pids": [c.pid for c in children]})
-
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -54,8 +44,21 @@ def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    # Before the first worker exists: a SIGTERM that arrives while they start must reach
+    # them, never kill the supervisor alone and leave them running.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    for index in range(settings.workers):
+        if stopping:
+            break
+        extra = ["--workers", "1"]
+        if settings.metrics_listen:  # one metrics port per worker: base port + index
+            extra += ["--metrics-listen", _metrics_address(settings, index)]
+        env = {**os.environ, "EXTAUTHZ_WORKER_INDEX": str(index)}
+        argv = [sys.executable, "-m", "extauthz", "serve", *serve_argv, *extra]
+        children.append(subprocess.Popen(argv, env=env))
+    log.info("workers started", extra={"event": "workers_started",
+                                        "pids": [c.pid for c in children]})
 
     status = 0
     while any(c.poll() is None for c in children):
@@ -72,6 +75,9 @@ def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
         time.sleep(0.1)
     codes = [c.returncode for c in children]
     if status == 0:
-        status = next((c for c in codes if c != 0), 0)
+        # A worker still starting when the supervisor forwarded SIGTERM/SIGINT dies of it
+        # before its own handlers are installed: that is the stop that was asked for.
+        asked = (-signal.SIGTERM, -signal.SIGINT) if stopping else ()
+        status = next((c for c in codes if c != 0 and c not in asked), 0)
     log.info("workers stopped", extra={"event": "workers_stopped", "status": codes})
     return status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import stat
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -236,6 +238,20 @@ def test_budget_headers_reach_the_upstream_only_when_enabled(policy_dir: Path, t
     assert out.returncode == 2 and "must be true or false" in out.stderr
 
 
+def _read_until(stream: IO[bytes], needle: str, count: int, deadline: float) -> str:
+    """What the stream said until `needle` appeared `count` times (a worker still starting
+    when SIGTERM arrives cannot show that it drains)."""
+    seen = b""
+    while seen.decode(errors="replace").count(needle) < count and time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], 0.1)
+        if ready:  # raw reads: a buffered readline could hide a line select no longer sees
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
 def test_workers_share_the_port_and_drain_together(policy_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -249,12 +265,13 @@ def test_workers_share_the_port_and_drain_together(policy_dir: Path, tmp_path: P
             children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
             time.sleep(0.1)
         assert len(children) == 2, children
+        assert proc.stderr is not None
+        early = _read_until(proc.stderr, '"event": "serving"', 2, deadline)  # both started
         for _ in range(20):  # new channels: the kernel spreads connections over both
             assert http_status(call(target, request(principal=BILLING))) == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        assert proc.stderr is not None
-        logged = proc.stderr.read().decode()
+        logged = early + proc.stderr.read().decode()
         assert logged.count('"event": "serving"') == 2  # both bound the one port
         assert logged.count('"event": "stopped"') == 2  # and both drained
         for pid in children:
@@ -263,6 +280,25 @@ def test_workers_share_the_port_and_drain_together(policy_dir: Path, tmp_path: P
         stop(proc)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_sigterm_while_workers_start_is_a_clean_stop(policy_dir: Path) -> None:
+    """A worker still importing when the supervisor forwards SIGTERM dies of the signal: that
+    is the stop that was asked for, so the supervisor exits 0, not 256-15."""
+    proc = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
+                             "--listen", f"127.0.0.1:{free_port()}", "--workers", "2"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        children: list[str] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            time.sleep(0.01)
+        assert len(children) == 2, children
+        proc.send_signal(signal.SIGTERM)  # the workers have not started serving yet
+        assert proc.wait(30) == 0
+    finally:
+        stop(proc)
 
 
 def test_workers_refuse_a_unix_socket(policy_dir: Path, tmp_path: Path) -> None:
