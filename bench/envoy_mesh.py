@@ -96,7 +96,11 @@ def server_sidecar(
     server_key: str,
     trust_bundle: str,
     rbac_filters: list[dict[str, Any]] | None = None,
+    transport: str = "grpc",
+    max_concurrent_streams: int = 0,
 ) -> dict[str, Any]:
+    """`transport` is how ext_authz asks the authorizer (`extauthz envoy-config --transport`);
+    `max_concurrent_streams` limits gRPC streams per connection to it (0: Envoy's default)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}")
     config = SidecarConfig(
@@ -110,6 +114,8 @@ def server_sidecar(
         admin_address="127.0.0.1",
         admin_port=admin_port,
         access_log_path="/dev/null",
+        transport=transport,  # type: ignore[arg-type]
+        authz_max_concurrent_streams=max_concurrent_streams,
     )
     boot = render(replace(config))
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]

@@ -163,6 +163,8 @@ def console(res: dict[str, Any]) -> str:
     mem = res.get("memory") or {}
     if mem:
         parts += ["", "== memory ==", _memory_text(mem)]
+    if res.get("transports"):
+        parts += ["", "== transports ==", transports_text(res)]
     parts += ["", "== targets =="]
     for v in verdicts(res):
         parts.append(f"- {v['target']}: {v['measured']} -> {v['verdict'].upper()}")
@@ -282,6 +284,105 @@ def _micro_text(micro: list[dict[str, Any]]) -> str:
                   [[m["path"], m["stage"], _f(m["us"], 2)] for m in micro])
 
 
+def transport_verdicts(res: dict[str, Any]) -> list[dict[str, str]]:
+    """Issue 15's targets, from the `transports` section."""
+    t = res.get("transports") or {}
+    loaded = {r["variant"]: r for r in t.get("loaded", [])}
+    unloaded = {r["variant"]: r for r in t.get("unloaded", [])}
+    out: list[dict[str, str]] = []
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        x, y = loaded.get(a, {}).get(key), loaded.get(b, {}).get(key)
+        return x / y if x and y else None
+
+    def add(target: str, value: float | None, ok: bool | None, fmt: str) -> None:
+        measured = "not measured" if value is None else fmt.format(value)
+        verdict = "not run" if ok is None else ("met" if ok else "NOT met")
+        out.append({"target": target, "measured": measured, "verdict": verdict})
+
+    r = ratio("http-extauthz", "http-floor", "rps")
+    add("HTTP extauthz (defaults) ≥ 0.85× HTTP floor req/s", r, None if r is None else r >= 0.85,
+        "{:.2f}×")
+    r = ratio("http-extauthz", "http-floor", "authz_cpu_us")
+    add("HTTP extauthz authz CPU/check ≤ 3× HTTP floor's", r, None if r is None else r <= 3.0,
+        "{:.2f}×")
+    r = ratio("grpc-extauthz", "grpc-floor", "rps")
+    add("gRPC extauthz (defaults) ≥ 0.9× gRPC floor req/s", r, None if r is None else r >= 0.9,
+        "{:.2f}×")
+    h = unloaded.get("http-extauthz", {}).get("added_p50_ms")
+    g = unloaded.get("grpc-extauthz", {}).get("added_p50_ms")
+    r = h / g if h is not None and g else None
+    add("unloaded added latency (p50), HTTP ≤ 0.5× gRPC", r, None if r is None else r <= 0.5,
+        "{:.2f}×")
+    for row in t.get("workers", []):
+        low = min(row["shares"]) if row.get("shares") else None
+        add(f"--workers 2 behind --concurrency 2, {row['variant']}: each ≥ 30%", low,
+            None if low is None else low >= 0.30, "min share {:.0%}")
+    return out
+
+
+def transports_text(res: dict[str, Any]) -> str:
+    t = res.get("transports") or {}
+    if not t:
+        return "_Not run._"
+    loaded = t.get("loaded", [])
+    floor = {r["transport"]: r for r in loaded if r["variant"].endswith("-floor")}
+    rows = []
+    for r in loaded:
+        base = floor.get(r.get("transport", ""), {})
+        x = r["rps"] / base["rps"] if base.get("rps") and r["variant"] not in ("none", "rbac") \
+            else None
+        rows.append([r["name"], _f(r["rps"]), _f(r.get("p50_ms"), 2), _f(r.get("p99_ms"), 2),
+                     _f(x, 2, "×"), _f(r.get("authz_cpu_us")), _f(r.get("envoy_cpu_us")),
+                     _f(r.get("non_2xx"))])
+    parts = [
+        "Through the two-sidecar mTLS mesh (wrk → client sidecar ═mTLS═▶ server sidecar → "
+        "upstream), both Envoys `--concurrency 1`; the server sidecar is rendered by "
+        "`extauthz envoy-config` for the row's transport. \"× floor\" compares with the "
+        "do-nothing server of the same transport; CPU columns are per request.",
+        "",
+        _table(["row", "req/s", "p50 ms", "p99 ms", "× floor", "authz CPU µs", "server Envoy "
+                "CPU µs", "non-2xx"], rows),
+        "",
+        "One request at a time (wrk, 1 connection): the latency each authorizer adds to the "
+        "mesh without auth.",
+        "",
+        _table(["row", "req/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"],
+               [[r["name"], _f(r["rps"]), _f(r.get("p50_ms"), 3), _f(r.get("p99_ms"), 3),
+                 _f(r.get("added_p50_ms"), 3), _f(r.get("added_p99_ms"), 3)]
+                for r in t.get("unloaded", [])]),
+        "",
+        "Direct, no Envoy (wrk straight at the HTTP listener with the headers the sidecar "
+        "sends): authorizer CPU per check.",
+        "",
+        _table(["row", "checks/s", "CPU µs/check", "non-2xx"],
+               [[r["variant"], _f(r["rps"]), _f(r.get("cpu_us"), 1), _f(r.get("non_2xx"))]
+                for r in t.get("direct", [])]),
+        "",
+        "`extauthz serve --workers 2` behind a server sidecar with `--concurrency 2` (the "
+        "client sidecar opens one mTLS connection per wrk connection, so both server workers "
+        "are busy): the share of checks each extauthz worker decided (its "
+        "`extauthz_checks_total`).",
+        "",
+        _table(["transport", "authz cluster", "req/s", "worker shares"],
+               [[r["transport"], (f"max_concurrent_streams {r['max_concurrent_streams']}"
+                                   if r.get("max_concurrent_streams") else "defaults"),
+                 _f(r["rps"]), " / ".join(f"{s:.0%}" for s in r.get("shares", []))]
+                for r in t.get("workers", [])]),
+        "",
+        _table(["target (issue 15)", "measured", "verdict"],
+               [[x["target"], x["measured"], f"**{x['verdict']}**"]
+                for x in transport_verdicts(res)]),
+        "",
+        "Authorizer commands:",
+        "",
+        "```sh",
+        *[f"# {k}\n{c}" for k, c in (t.get("commands") or {}).items()],
+        "```",
+    ]
+    return "\n".join(parts)
+
+
 def render(res: dict[str, Any]) -> str:
     m = res.get("machine", {})
     o = res.get("options", {})
@@ -294,6 +395,9 @@ def render(res: dict[str, Any]) -> str:
         "",
         "_Generated by `make bench` (`bench/run.py`) on "
         f"{res.get('started', '?')} in {res.get('seconds', 0):.0f} s. Do not edit: rerun it._",
+        "",
+        "Rate-limit backends (in-memory vs one Redis vs Redis Cluster): "
+        "[rate-limits.md, Benchmark](rate-limits.md#benchmark) (`bench/redis_limits.py`).",
         "",
     ]
     if noisy:
@@ -432,6 +536,10 @@ def render(res: dict[str, Any]) -> str:
         "best of 5; no gRPC, so these are the Python costs that come on top of the floor):",
         "",
         _micro_text(res.get("micro") or []),
+        "",
+        "## 6. Transports: gRPC or HTTP ext_authz",
+        "",
+        transports_text(res),
         "",
         "## Exact commands",
         "",

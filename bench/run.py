@@ -3,7 +3,8 @@
 
     make bench                                  # .venv/bin/python bench/run.py
     python bench/run.py --quick                 # short durations, for trying the harness
-    python bench/run.py --only direct,envoy     # some sections (direct, envoy, memory, micro)
+    python bench/run.py --only transports       # some sections (direct, envoy, transports,
+                                                #   memory, micro)
 
 Sections (each described in docs/benchmarks.md, which this script writes):
 
@@ -15,9 +16,13 @@ Sections (each described in docs/benchmarks.md, which this script writes):
 2. envoy   — wrk through a real two-sidecar mTLS mesh (envoy_mesh.py): no auth filter,
              native RBAC with the same rules, ext_authz to the floor, ext_authz to extauthz;
              then the same stacks at a fixed 1,000 requests/s (h2load --rps) for added p99.
-3. memory  — RSS of a real extauthz process driven with 1,000,000 distinct paths from
+3. transports — gRPC vs HTTP ext_authz through the same mesh (bench/transports.py): both
+             do-nothing floors, extauthz on each transport with default settings and with
+             --decision-log none, native RBAC; unloaded added latency; HTTP CPU per check
+             direct; --workers 2 behind Envoy --concurrency 2 (checks per worker).
+4. memory  — RSS of a real extauthz process driven with 1,000,000 distinct paths from
              100,000 distinct principals (a grpc.aio client in this process).
-4. micro   — in-process timings of the hot path's stages, to say where the time goes.
+5. micro   — in-process timings of the hot path's stages, to say where the time goes.
 
 Everything it starts binds to 127.0.0.1, is stopped by PID, and lives in a temporary
 directory that is removed at the end (`--keep` keeps it).
@@ -30,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -39,8 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,14 +65,29 @@ import report  # noqa: E402
 import yaml  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2 as ea  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc  # noqa: E402
+from load import LOAD_CPU, percentile, run_h2load, run_wrk  # noqa: E402
+from procs import (  # noqa: E402
+    Proc,
+    Procs,
+    admin_get,
+    cpu_seconds,
+    ensure_tools,
+    envoy_counter,
+    free_tcp_port,
+    http_get,
+    log,
+    machine_info,
+    rss_mib,
+    start_envoy,
+)
+from transports import section_transports  # noqa: E402
 
 from extauthz.devstack.certs import CertificateAuthority, write_pem  # noqa: E402
-from extauthz.devstack.stack import _Proc, find_envoy, free_tcp_port, wait_for_grpc_serving  # noqa: E402
+from extauthz.devstack.stack import find_envoy, wait_for_grpc_serving  # noqa: E402
 from extauthz.settings import Settings  # noqa: E402
 
-SECTIONS = ("direct", "envoy", "memory", "micro")
+SECTIONS = ("direct", "envoy", "transports", "memory", "micro")
 SERVER_CPU = "0"  # the server under test (direct section, memory section)
-LOAD_CPU = "1"  # h2load, the OTLP sink, the memory driver
 ALLOWED_PATH = make_request.PATH
 FORBIDDEN_PATH = "/v1/refunds/77"  # `orders-refund` is POST only: a GET matches no rule -> 403
 JWT_ISSUER = "https://jwt.bench.example"
@@ -111,276 +128,21 @@ class Results:
     memory: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
     micro: list[dict[str, Any]] = field(default_factory=list)
+    transports: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     started: str = ""
     seconds: float = 0.0
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- tools and machine ---------------------------------------------------------------------
 
 
-def ensure_tools() -> None:
-    """h2load (nghttp2-client) and wrk from Debian, like scripts/bootstrap.sh does for redis."""
-    wanted = {"h2load": "nghttp2-client", "wrk": "wrk", "taskset": "util-linux"}
-    missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
-    if not missing:
-        return
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        log(f"installing {' '.join(missing)} (Debian packages)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", *missing],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        return
-    raise SystemExit(f"missing tools; install them (apt-get install {' '.join(missing)})")
-
-
-def _version(argv: list[str], pattern: str) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return "?"
-    found = re.search(pattern, out.stdout + out.stderr)
-    return found.group(1) if found else "?"
-
-
-def machine_info(envoy: str) -> dict[str, Any]:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import uvloop  # noqa: PLC0415
-
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "uvloop": uvloop.__version__,
-        "envoy": _version([envoy, "--version"], r"/(\d+\.\d+\.\d+)/"),
-        "h2load": _version(["h2load", "--version"], r"nghttp2/(\S+)"),
-        "wrk": _version(["wrk", "-v"], r"wrk (\S+)"),
-        "load_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 # -- processes -----------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) in MiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024
-    return values["VmRSS"], values["VmHWM"]
-
-
-class Procs:
-    """Processes started by the benchmark, each stopped by its own PID (SIGTERM, then KILL)."""
-
-    def __init__(self, work: Path, pin: bool) -> None:
-        self.work = work
-        self.pin = pin
-        self.live: list[_Proc] = []
-        self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p
-        )
-
-    def pinned(self, argv: list[str], cpus: str | None) -> list[str]:
-        return ["taskset", "-c", cpus, *argv] if (cpus is not None and self.pin) else argv
-
-    def spawn(
-        self, name: str, argv: list[str], cpus: str | None = None, env: dict[str, str] | None = None
-    ) -> _Proc:
-        log_path = self.work / f"{name}.log"
-        log_file = log_path.open("ab")
-        try:
-            popen = subprocess.Popen(
-                self.pinned(argv, cpus),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**self.env, **(env or {})},
-                start_new_session=True,
-            )
-        except BaseException:
-            log_file.close()
-            raise
-        proc = _Proc(name, popen, log_path, log_file, 10.0)
-        self.live.append(proc)
-        return proc
-
-    def stop(self, proc: _Proc) -> None:
-        if proc in self.live:
-            self.live.remove(proc)
-            proc.stop()
-
-    def stop_all(self) -> None:
-        while self.live:
-            self.live.pop().stop()
-
-
-def admin_get(port: int, path: str) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-            return str(resp.read().decode())
-    except OSError:
-        return ""
-
-
-def start_envoy(procs: Procs, envoy: str, name: str, boot: dict[str, Any], admin: int) -> _Proc:
-    path = procs.work / f"{name}.json"  # JSON: Envoy parses 10,000 RBAC policies faster
-    path.write_text(json.dumps(boot), encoding="utf-8")
-    argv = [envoy, "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
-    proc = procs.spawn(name, argv)
-    deadline = time.monotonic() + 60
-    while admin_get(admin, "/ready").strip() != "LIVE":
-        if proc.popen.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not start; see {proc.log_path}")
-        time.sleep(0.05)
-    return proc
-
-
-def http_get(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
-def envoy_counter(admin: int, name: str) -> int:
-    for line in admin_get(admin, f"/stats?filter={re.escape(name)}$").splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
-
-
 # -- load generators -----------------------------------------------------------------------
-
-
-_NUMBER = r"([\d.]+)"
-
-
-def _seconds(value: str, unit: str) -> float:
-    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
-
-
-def run_h2load(
-    results: Results,
-    key: str,
-    url: str,
-    *,
-    duration: float,
-    clients: int,
-    streams: int = 1,
-    body: Path | None = None,
-    headers: Sequence[str] = (),
-    rps: int | None = None,
-    h1: bool = False,
-    log_file: Path | None = None,
-    pin: bool = True,
-) -> dict[str, Any]:
-    argv = ["h2load", "-D", f"{duration:g}", "-c", str(clients), "-m", str(streams), "-t", "1"]
-    if body is not None:
-        argv += ["-d", str(body)]
-    for h in headers:
-        argv += ["-H", h]
-    if rps is not None:
-        argv += [f"--rps={rps}"]
-    if h1:
-        argv += ["--h1"]
-    if log_file is not None:
-        argv += [f"--log-file={log_file}"]
-    argv.append(url)
-    if pin:
-        argv = ["taskset", "-c", LOAD_CPU, *argv]
-    results.commands.setdefault(key, shlex.join(argv))
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
-    text = out.stdout
-    finished = re.search(rf"finished in {_NUMBER}(m?s), {_NUMBER} req/s", text)
-    reqs = re.search(
-        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-        r"(\d+) errored, (\d+) timeout",
-        text,
-    )
-    if finished is None or reqs is None:
-        raise RuntimeError(f"h2load failed ({out.returncode}): {text[-800:]} {out.stderr[-800:]}")
-    done, succeeded, failed, errored = (int(reqs.group(i)) for i in (3, 4, 5, 6))
-    return {
-        "seconds": _seconds(finished.group(1), finished.group(2)),
-        "rps": float(finished.group(3)),
-        "done": done,
-        "succeeded": succeeded,
-        "failed": failed + errored,
-    }
-
-
-def run_wrk(
-    results: Results,
-    key: str,
-    url: str,
-    *,
-    duration: float,
-    connections: int,
-    headers: Sequence[str],
-) -> dict[str, Any]:
-    argv = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{duration:g}s", "--latency"]
-    for h in headers:
-        argv += ["-H", h]
-    argv.append(url)
-    results.commands.setdefault(key, shlex.join(argv))
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
-    text = out.stdout
-    rps = re.search(rf"Requests/sec:\s+{_NUMBER}", text)
-    total = re.search(r"(\d+) requests in", text)
-    if rps is None or total is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {text[-800:]} {out.stderr[-800:]}")
-    lat = {
-        p: _seconds(v, u) * 1e3
-        for p, v, u in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
-    }
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
-    )
-    return {
-        "rps": float(rps.group(1)),
-        "requests": int(total.group(1)),
-        "p50_ms": lat.get("50"),
-        "p99_ms": lat.get("99"),
-        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-        "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
-    }
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[index]
 
 
 # -- servers under test --------------------------------------------------------------------
@@ -415,7 +177,7 @@ class Servers:
         config: dict[str, Any] | None = None,
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
-    ) -> tuple[_Proc, str]:
+    ) -> tuple[Proc, str]:
         target = f"127.0.0.1:{free_tcp_port()}"
         argv = [
             sys.executable, "-m", "extauthz", "serve",
@@ -430,7 +192,7 @@ class Servers:
         wait_for_grpc_serving(target, proc, 120.0)
         return proc, target
 
-    def floor(self, name: str = "floor", *, cpus: str | None = SERVER_CPU) -> tuple[_Proc, str]:
+    def floor(self, name: str = "floor", *, cpus: str | None = SERVER_CPU) -> tuple[Proc, str]:
         target = f"127.0.0.1:{free_tcp_port()}"
         capture = self.procs.work / f"{name}.check.bin"
         argv = [sys.executable, str(BENCH / "floor_server.py"), "--listen", target]
@@ -456,7 +218,7 @@ def _direct_row(
     opts: Options,
     name: str,
     *,
-    proc: _Proc,
+    proc: Proc,
     target: str,
     body: Path,
     **extra: Any,
@@ -644,7 +406,7 @@ def observability_row(
 
 
 def profile_hit(
-    results: Results, opts: Options, proc: _Proc, target: str, body: Path
+    results: Results, opts: Options, proc: Proc, target: str, body: Path
 ) -> dict[str, Any]:
     """Two py-spy recordings under the same load as the measured row, one after the other
     (each attaches with ptrace): collapsed stacks for the tables, then the flame graph.
@@ -810,7 +572,7 @@ def _envoy_variant(
     upstream_port: int,
 ) -> None:
     procs = servers.procs
-    authz: _Proc | None = None
+    authz: Proc | None = None
     target = "127.0.0.1:1"
     if variant == "floor":
         authz, target = servers.floor("floor-envoy", cpus=None)
@@ -818,7 +580,7 @@ def _envoy_variant(
         authz, target = servers.extauthz("extauthz-envoy", cpus=None)
     server_port, server_admin = free_tcp_port(), free_tcp_port()
     client_port, client_admin = free_tcp_port(), free_tcp_port()
-    started: list[_Proc] = [] if authz is None else [authz]
+    started: list[Proc] = [] if authz is None else [authz]
     try:
         boot = envoy_mesh.server_sidecar(
             variant,
@@ -1111,6 +873,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             section_direct(results, opts, servers, svid_pem)
         if "envoy" in opts.sections:
             section_envoy(results, opts, servers, envoy, certs)
+        if "transports" in opts.sections:
+            section_transports(results, opts, procs, envoy, certs, policy_dir=policy_dir)
         if "memory" in opts.sections:
             section_memory(results, opts, servers)
     finally:

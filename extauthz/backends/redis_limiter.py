@@ -1,47 +1,104 @@
-"""Rate limiting, the Redis edge: the GCRA of `ratelimit` in one Lua script per check.
+"""Rate limiting, the Redis edge: the GCRA of `ratelimit` in one Lua script per check,
+the scripts of concurrent checks sent together as one pipeline.
 
-* One script call per check, any number of keys, atomically: all limits allow or nothing is
-  consumed (like `LocalLimiter.hit_many`). EVALSHA first; EVAL (which also caches the
-  script) on NOSCRIPT, e.g. after a Redis restart or SCRIPT FLUSH.
-* Time comes from Redis `TIME` inside the script, so replicas with skewed clocks agree.
-* Every written key gets a PX TTL equal to the time until its TAT passes (when the key is
-  worth nothing any more), so Redis holds only active state.
-* Each check is bounded by `timeout` (default 20 ms) even when Redis hangs: the command runs
-  in its own task and we stop waiting at the deadline; the connection it used is dropped.
-  A timed-out script may still run later on Redis and consume budget (errs towards denying).
-* On error or timeout the `failure_mode` answers: `closed` denies with `backend_error`
-  (503), `open` allows with `backend_error`, `local` asks a per-process `LocalLimiter`
-  (`degraded`). After `breaker_threshold` consecutive failures Redis is not asked at all for
-  `breaker_cooldown` seconds, so an outage costs no latency per check.
+Why it is built this way (docs/rate-limits.md has the measurements):
+
+* **A burst costs round trips, not connections.** Checks do not talk to Redis themselves:
+  each one queues its script call; once per event-loop turn the queue is sent as one
+  pipeline of EVALSHA calls (at most `max_batch` per pipeline) on one connection, and at
+  most `max_inflight` pipelines are in flight. While they are, new checks wait in the queue
+  and leave together with the next pipeline. 200 concurrent checks are a handful of round
+  trips on a few connections, where one connection per check used to miss the deadline
+  while Redis was idle.
+* **One script per check**, any number of keys, atomically: all limits allow or nothing is
+  consumed (like `LocalLimiter.hit_many`). EVALSHA; the calls that get NOSCRIPT (a Redis
+  restart, SCRIPT FLUSH, a new cluster node) are sent again as EVAL, which re-caches it.
+* **Time comes from Redis** `TIME` inside the script, so replicas with skewed clocks agree.
+* Every written key gets a PX TTL equal to the time until its TAT passes.
+* **Deadline** `timeout` per check, measured from the moment it is queued (default
+  `DEFAULT_TIMEOUT`, sized from measured latency). A check never waits longer, whatever
+  Redis does (give or take the few event-loop turns of `EXPIRY_TURNS`); a pipeline still
+  unanswered a deadline later is cancelled and its connection dropped. A cancelled script
+  may still run on Redis and consume budget (errs towards denying).
+* **Failure modes** when Redis errs, times out, or the breaker is open: `closed` denies with
+  `backend_error` (503), `open` allows with `backend_error`, `local` asks a per-process
+  `LocalLimiter` (`degraded`).
+* **Breaker on an error rate** (`breaker.RateBreaker`): opens when at least half of at
+  least 20 checks within 2 s failed, skips Redis for the cooldown, then lets one probe
+  through. Transitions are logged (`ratelimit_breaker`) and exported as metrics.
+* **Bounded**: at most `max_pending` queued checks (beyond: the failure mode answers at
+  once), `max_inflight` pipelines, `max_batch` scripts per pipeline, a bounded over-limit
+  cache; the latency sample is a fixed ring.
+* **Over-limit cache** (`ratelimit.OverLimitCache`): a key Redis just denied is denied
+  locally until its retry-after, without a round trip.
+
+Deployments: one Redis, Redis Cluster or Sentinel (`redis_url.parse_redis_url`), through
+redis-py's own clients. Keys carry the principal as a cluster hash tag, so all keys of one
+check live in one slot and one script can touch them together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
+import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
+from extauthz.backends.breaker import BreakerState, RateBreaker
+from extauthz.backends.redis_url import RedisKind, RedisTarget, parse_redis_url, redacted
 from extauthz.decide.ratelimit import (
     Limit,
     LimitResult,
     LocalLimiter,
+    OverLimitCache,
     check_cost,
     evaluate,
     most_restrictive,
     unavailable_result,
 )
 
+log = logging.getLogger("extauthz.ratelimit")
+
 DEFAULT_PREFIX = "extauthz:rl:"
-DEFAULT_TIMEOUT = 0.020
+# Per-check deadline. Measured (docs/rate-limits.md, "Deadline"): bursts of 200 checks over
+# three serving processes on a busy 2-core machine wait up to ~40 ms for their answer while
+# Redis answers each pipeline in well under 1 ms: the time is the process's own event loop.
+# 100 ms is more than twice that and leaves Envoy's 250 ms ext_authz timeout room.
+DEFAULT_TIMEOUT = 0.100
+DEFAULT_MAX_INFLIGHT = 4
+DEFAULT_MAX_BATCH = 256
+DEFAULT_MAX_PENDING = 4096
+DEFAULT_OVERLIMIT_ENTRIES = 10_000
+# Seconds; fine at the low end where a healthy Redis lives, so p50/p99 can be read off.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 
 # KEYS[i]: the limiter keys. ARGV[1]: cost; ARGV[2i], ARGV[2i+1]: interval_us, tolerance_us.
 # Returns {allowed, now_us, tat_1, ..., tat_n}: tat_i is max(stored TAT, now) *before* this
@@ -80,24 +137,109 @@ class FailureMode(StrEnum):
     LOCAL = "local"
 
 
+class DeadlineExceeded(Exception):
+    """A check got no answer from Redis within its deadline."""
+
+
+class LatencyHistogram:
+    """Cumulative histogram (for Prometheus) plus a ring of recent samples (for p50/p99)."""
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS, recent: int = 2048) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self._recent: deque[float] = deque(maxlen=recent)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+        self._recent.append(seconds)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of the recent samples (0.0 when there are none)."""
+        recent = sorted(self._recent)
+        if not recent:
+            return 0.0
+        return recent[min(len(recent) - 1, int(q * len(recent)))]
+
+
+@dataclass(slots=True)
+class _Queued:
+    keys: list[str]
+    args: list[int]
+    future: asyncio.Future[Any]
+    queued_at: float
+
+
+def connect(target: RedisTarget | str, *, max_connections: int, socket_timeout: float) -> Any:
+    """A redis-py client for the deployment: `Redis`, `RedisCluster`, or a Sentinel-managed
+    `Redis`. No client-side retries anywhere: the per-check deadline is the retry policy."""
+    if isinstance(target, str):
+        target = parse_redis_url(target)
+    common: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    if target.kind is RedisKind.SINGLE:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            target.url, max_connections=max_connections, timeout=None, **common
+        )
+        return aioredis.Redis(connection_pool=pool)
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    if target.kind is RedisKind.CLUSTER:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            max_connections=max_connections,
+            **auth,
+            **common,
+        )
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.nodes),
+        sentinel_kwargs={
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+        },
+    )
+    client = sentinel.master_for(
+        target.service, db=target.db, max_connections=max_connections, **auth, **common
+    )
+    # The Sentinels' own clients are not closed with the master's: the limiter closes them.
+    client.extauthz_sentinels = sentinel.sentinels
+    return client
+
+
 class RedisLimiter:
-    """Shared GCRA across workers and replicas. Use one instance per process (it pools)."""
+    """Shared GCRA across workers and replicas. Use one instance per process."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Any,
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
         failure_mode: FailureMode | str = FailureMode.CLOSED,
         fallback: LocalLimiter | None = None,
-        breaker_threshold: int = 3,
         breaker_cooldown: float = 0.5,
+        breaker_min_calls: int = 20,
+        breaker_error_rate: float = 0.5,
+        breaker_window: float = 2.0,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        overlimit_entries: int = DEFAULT_OVERLIMIT_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
         owns_client: bool = False,
+        description: str = "redis",
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if min(max_inflight, max_batch, max_pending) < 1:
+            raise ValueError("max_inflight, max_batch and max_pending must be >= 1")
         self._client = client
         self.prefix = prefix
         self.timeout = timeout
@@ -105,38 +247,60 @@ class RedisLimiter:
         if self.failure_mode is FailureMode.LOCAL and fallback is None:
             fallback = LocalLimiter(clock)
         self._fallback = fallback
-        self.breaker_threshold = max(1, breaker_threshold)
-        self.breaker_cooldown = max(0.0, breaker_cooldown)
+        self.breaker = RateBreaker(
+            clock=clock,
+            window=breaker_window,
+            error_rate=breaker_error_rate,
+            min_calls=breaker_min_calls,
+            cooldown=breaker_cooldown,
+            on_change=self._breaker_changed,
+        )
+        self.max_inflight = max_inflight
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.overlimit = OverLimitCache(clock, overlimit_entries)
         self._clock = clock
         self._owns_client = owns_client
-        self._failures = 0
-        self._skip_until = 0.0
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self.description = description
+        self._queue: deque[_Queued] = deque()
+        self._flush_scheduled = False
+        self._busy = 0
+        self._batches: set[asyncio.Task[None]] = set()
+        # Counters and histograms, read by the metrics collector at scrape time.
+        self.redis_latency = LatencyHistogram()  # one pipeline round trip
+        self.check_latency = LatencyHistogram()  # one check: queued -> answered by Redis
+        self.round_trips = 0
+        self.checks_sent = 0
         self.backend_errors = 0
+        self.timeouts = 0
+        self.queue_overflows = 0
 
     @classmethod
     def from_url(
         cls,
         url: str = "redis://127.0.0.1:6379/0",
         *,
-        max_connections: int = 64,
         timeout: float = DEFAULT_TIMEOUT,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
         **kwargs: Any,
     ) -> RedisLimiter:
-        """A limiter with its own blocking connection pool (waits for a free connection,
-        bounded by `timeout` like everything else) and no client-side retries: the deadline
-        is the only retry policy."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=None,
+        """A limiter with its own client for `url` (one Redis, `redis+cluster://` or
+        `redis+sentinel://`). Sockets time out after 1 s at the least: a pipeline that
+        outlives its checks' deadline is cancelled long before."""
+        target = parse_redis_url(url)
+        client = connect(
+            target,
+            max_connections=max_inflight + 1,  # + one for start() and probes outside batches
             socket_timeout=max(1.0, timeout * 10),
-            socket_connect_timeout=max(1.0, timeout * 10),
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
         )
-        client = aioredis.Redis(connection_pool=pool)
-        return cls(client, timeout=timeout, owns_client=True, **kwargs)
+        return cls(
+            client,
+            timeout=timeout,
+            max_inflight=max_inflight,
+            owns_client=True,
+            description=f"{target.kind.value} {redacted(url)}",
+            **kwargs,
+        )
 
     @property
     def fallback(self) -> LocalLimiter | None:
@@ -144,8 +308,26 @@ class RedisLimiter:
 
     @property
     def healthy(self) -> bool:
-        """False while the breaker keeps Redis out of the path."""
-        return self._clock() >= self._skip_until
+        """False while the breaker keeps Redis out of the path (open or probing)."""
+        return self.breaker.state is BreakerState.CLOSED
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState, why: str) -> None:
+        log.log(
+            logging.INFO if new is BreakerState.CLOSED else logging.WARNING,
+            "rate-limit backend breaker %s",
+            new.name.lower(),
+            extra={
+                "event": "ratelimit_breaker",
+                "state": new.name.lower(),
+                "previous": old.name.lower(),
+                "why": why,
+                "backend": self.description,
+            },
+        )
 
     async def hit(self, key: str, limit: Limit, cost: int = 1) -> LimitResult:
         return await self.hit_many(((key, limit),), cost)
@@ -153,46 +335,116 @@ class RedisLimiter:
     async def hit_many(self, items: Sequence[tuple[str, Limit]], cost: int = 1) -> LimitResult:
         """All limits allow or none is consumed; reports the most restrictive result."""
         check_cost(cost, items)
-        if self._clock() < self._skip_until:
-            return self._on_failure(items, cost, counted=False)
-        task = asyncio.ensure_future(self._run_script(items, cost))
-        try:
-            done, _ = await asyncio.wait((task,), timeout=self.timeout)
-        except asyncio.CancelledError:
-            self._abandon(task)
-            raise
-        if not done:
-            # Do not wait for the cancellation to unwind (a hung socket may take a while):
-            # the task finishes in the background; aclose() waits for stragglers.
-            self._abandon(task)
+        cached = self.overlimit.get(items, cost)
+        if cached is not None:
+            return cached
+        if not self.breaker.allow():
             return self._on_failure(items, cost)
-        try:
-            reply = task.result()
-        except (TimeoutError, RedisError, OSError):
+        if len(self._queue) >= self.max_pending:
+            self.queue_overflows += 1
+            self.breaker.record(False)
             return self._on_failure(items, cost)
-        self._failures = 0
-        return self._result(items, cost, reply)
-
-    def _abandon(self, task: asyncio.Task[Any]) -> None:
-        task.cancel()
-        self._inflight.add(task)
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieve, so asyncio does not log "never retrieved"
-
-    async def _run_script(self, checks: Sequence[tuple[str, Limit]], cost: int) -> list[int]:
-        keys = [self.prefix + key for key, _ in checks]
+        loop = asyncio.get_running_loop()
+        keys = [self.prefix + key for key, _ in items]
         args: list[int] = [cost]
-        for _, limit in checks:
+        for _, limit in items:
             args += (limit.interval_us, limit.tolerance_us)
+        future: asyncio.Future[Any] = loop.create_future()
+        queued_at = time.perf_counter()
+        self._queue.append(_Queued(keys, args, future, queued_at))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        timer = loop.call_later(self.timeout, _expire, future)
         try:
-            return await self._client.evalsha(GCRA_SHA, len(keys), *keys, *args)  # type: ignore[no-any-return]
-        except NoScriptError:
-            # Redis restarted or SCRIPT FLUSH: EVAL runs it and caches it again.
-            return await self._client.eval(GCRA_SCRIPT, len(keys), *keys, *args)  # type: ignore[no-any-return]
+            reply = await future
+        except DeadlineExceeded:
+            self.timeouts += 1
+            self.breaker.record(False)
+            return self._on_failure(items, cost)
+        except Exception:  # RedisError, OSError, cluster errors: whatever it is, fail per mode
+            self.breaker.record(False)
+            return self._on_failure(items, cost)
+        finally:
+            timer.cancel()
+        self.check_latency.observe(time.perf_counter() - queued_at)
+        self.breaker.record(True)
+        result = self._result(items, cost, reply)
+        self.overlimit.put(items, cost, result)
+        return result
+
+    def _flush(self) -> None:
+        """Send what is queued: one pipeline per `max_batch` checks, while a slot is free."""
+        self._flush_scheduled = False
+        queue = self._queue
+        while queue and self._busy < self.max_inflight:
+            batch: list[_Queued] = []
+            while queue and len(batch) < self.max_batch:
+                entry = queue.popleft()
+                if not entry.future.done():  # expired or cancelled while queued: not sent
+                    batch.append(entry)
+            if not batch:
+                break
+            self._busy += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send(self, batch: list[_Queued]) -> None:
+        started = time.perf_counter()
+        self.round_trips += 1
+        self.checks_sent += len(batch)
+        try:
+            # The checks give up at their own deadline; the pipeline is cancelled (and its
+            # connection dropped) a deadline later, so a reply that is merely late is still
+            # read, and a silent Redis holds a connection for a bounded time.
+            async with asyncio.timeout(2 * self.timeout):
+                replies = await self._execute(batch)
+        except asyncio.CancelledError:
+            _fail(batch, DeadlineExceeded())
+            raise
+        except TimeoutError:
+            # The pipeline outlived the deadline: its connection was dropped by the cancel.
+            _fail(batch, DeadlineExceeded())
+        except Exception as exc:  # any failure of the pipeline is a failure of its checks
+            _fail(batch, exc)
+        else:
+            self.redis_latency.observe(time.perf_counter() - started)
+            for entry, reply in zip(batch, replies, strict=True):
+                if entry.future.done():
+                    continue
+                if isinstance(reply, BaseException):
+                    entry.future.set_exception(reply)
+                else:
+                    entry.future.set_result(reply)
+        finally:
+            self._busy -= 1
+            if self._queue and not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _execute(self, batch: list[_Queued]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for entry in batch:
+            # execute_command, not .evalsha(): redis-py's cluster pipeline refuses the
+            # method (it cannot know the keys) but routes the raw command by its keys.
+            pipe.execute_command("EVALSHA", GCRA_SHA, len(entry.keys), *entry.keys, *entry.args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # Redis restarted, SCRIPT FLUSH, or a node that never saw the script: EVAL runs
+            # it and caches it again.
+            self.round_trips += 1
+            pipe = self._client.pipeline(transaction=False)
+            for i in missing:
+                entry = batch[i]
+                pipe.execute_command(
+                    "EVAL", GCRA_SCRIPT, len(entry.keys), *entry.keys, *entry.args
+                )
+            again = await pipe.execute(raise_on_error=False)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
 
     def _result(
         self, checks: Sequence[tuple[str, Limit]], cost: int, reply: list[int]
@@ -207,15 +459,8 @@ class RedisLimiter:
             raise AssertionError(f"script and core disagree: {reply!r}")
         return result
 
-    def _on_failure(
-        self, checks: Sequence[tuple[str, Limit]], cost: int, *, counted: bool = True
-    ) -> LimitResult:
+    def _on_failure(self, checks: Sequence[tuple[str, Limit]], cost: int) -> LimitResult:
         self.backend_errors += 1
-        if counted:
-            self._failures += 1
-            if self.breaker_cooldown > 0 and self._failures >= self.breaker_threshold:
-                self._skip_until = self._clock() + self.breaker_cooldown
-                self._failures = 0
         if self.failure_mode is FailureMode.LOCAL and self._fallback is not None:
             local = self._fallback.hit_many(checks, cost)
             if local.backend_error:
@@ -231,21 +476,54 @@ class RedisLimiter:
             )
         return unavailable_result(allowed=self.failure_mode is FailureMode.OPEN)
 
-    async def load_script(self) -> None:
-        """Optionally preload the script at startup (saves one round trip on the first check)."""
+    async def start(self) -> None:
+        """Load the script (on every master of a cluster) and open a connection, so the
+        first checks do not pay for either. Raises when Redis is unreachable; checks are
+        covered by the failure mode either way."""
         await self._client.script_load(GCRA_SCRIPT)
 
-    async def start(self) -> None:
-        """The Limiter interface's start-up step: preload the script (raises when Redis is
-        unreachable; checks then follow the failure mode)."""
-        await self.load_script()
+    async def load_script(self) -> None:
+        """Kept for callers of the first interface: the same as `start()`."""
+        await self.start()
 
     async def aclose(self) -> None:
-        for task in list(self._inflight):
+        """Answer what is queued with the failure mode, stop the pipelines, close the client."""
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(DeadlineExceeded())
+        for task in list(self._batches):
             task.cancel()
-        for task in list(self._inflight):
+        for task in list(self._batches):
             with contextlib.suppress(BaseException):
                 await task
         if self._owns_client:
             await self._client.aclose()
-            await self._client.connection_pool.disconnect()
+            pool = getattr(self._client, "connection_pool", None)
+            if pool is not None:
+                await pool.disconnect()
+            for sentinel in getattr(self._client, "extauthz_sentinels", ()):
+                await sentinel.aclose()
+
+
+# Loop turns a check waits past its deadline before it fails. A busy process runs the
+# deadline's timer in the same turn in which Redis's reply becomes readable, but reading and
+# parsing the reply takes the next turn or two: without these hops a reply that did arrive
+# in time would be thrown away. They cost nothing when Redis is really silent (the loop is
+# idle then and a turn takes microseconds).
+EXPIRY_TURNS = 3
+
+
+def _expire(future: asyncio.Future[Any], turns: int = EXPIRY_TURNS) -> None:
+    if future.done():
+        return
+    if turns > 0:
+        future.get_loop().call_soon(_expire, future, turns - 1)
+        return
+    future.set_exception(DeadlineExceeded())
+
+
+def _fail(batch: list[_Queued], exc: BaseException) -> None:
+    for entry in batch:
+        if not entry.future.done():
+            entry.future.set_exception(exc)

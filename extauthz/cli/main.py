@@ -95,12 +95,17 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="KIND",
         help="memory (per process, default) or redis (shared across replicas)",
     )
-    p.add_argument("--redis-url", metavar="URL", help="redis://host:port/db for the shared limiter")
+    p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="redis://host:port/db, redis+cluster://host:port[,host:port] or "
+        "redis+sentinel://host:port[,host:port]/service (see docs/rate-limits.md)",
+    )
     p.add_argument(
         "--redis-timeout",
         type=float,
         metavar="SECONDS",
-        help="per-check Redis deadline (default 0.02)",
+        help="per-check Redis deadline (default 0.1)",
     )
     p.add_argument(
         "--redis-failure-mode",

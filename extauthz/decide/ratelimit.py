@@ -353,3 +353,105 @@ class InProcessLimiter:
 
     async def aclose(self) -> None:
         """Nothing to release: the state is process memory."""
+
+
+class OverLimitCache:
+    """Keys known to be over their limit, answered locally until their retry-after.
+
+    A GCRA denial consumes nothing and a key's TAT only moves forward, so a key denied for
+    a check of cost `c` stays denied for any check of cost >= `c` until `retry_after` has
+    passed: answering those checks here, without a round trip, gives the answer the shared
+    limiter would give. What it trades (docs/rate-limits.md, "Over-limit cache"):
+
+    * the deadline is measured from when the denial *arrived*, so a key may be refused up to
+      one round trip longer than the shared limiter would refuse it;
+    * if the shared state is lost (Redis restarted or flushed, a failover lost the last
+      writes), a cached key stays refused until its retry-after instead of getting its fresh
+      burst at once;
+    * an entry is used only for the same limit (emission interval and burst): a policy
+      change that alters the limit asks the shared limiter again.
+
+    Bounded: at most `max_entries` keys; expired entries are dropped when looked up or when
+    the table is full; a full table of live entries caches nothing more (correct, only
+    slower). Single-threaded: the event loop is the only caller.
+    """
+
+    def __init__(self, clock: Callable[[], float], max_entries: int = 10_000) -> None:
+        if max_entries < 0:
+            raise ValueError("max_entries must be >= 0")
+        self._clock = clock
+        self.max_entries = max_entries
+        # key -> (denied until, interval_us, tolerance_us, min cost, remaining, reset at)
+        self._entries: dict[str, tuple[float, int, int, int, int, float]] = {}
+        self._sweep_at = 0.0
+        self.hits = 0
+        self.full = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, items: Sequence[tuple[str, Limit]], cost: int) -> LimitResult | None:
+        """The local denial for this check, or None when the shared limiter must decide."""
+        entries = self._entries
+        if not entries or cost == 0:
+            return None
+        now = -1.0
+        for key, limit in items:
+            entry = entries.get(key)
+            if entry is None:
+                continue
+            if now < 0:
+                now = self._clock()
+            until, interval, tolerance, min_cost, remaining, reset_at = entry
+            if now >= until:
+                del entries[key]
+                continue
+            if interval != limit.interval_us or tolerance != limit.tolerance_us:
+                continue
+            if cost < min_cost:
+                continue
+            self.hits += 1
+            return LimitResult(
+                allowed=False,
+                limit=limit.burst,
+                remaining=remaining,
+                reset_after=max(0.0, reset_at - now),
+                retry_after=until - now,
+                key=key,
+            )
+        return None
+
+    def put(self, items: Sequence[tuple[str, Limit]], cost: int, result: LimitResult) -> None:
+        """Remember a genuine denial (never an outage answer or a fallback's verdict)."""
+        if (
+            result.allowed
+            or result.backend_error
+            or result.degraded
+            or cost == 0
+            or result.retry_after <= 0
+            or self.max_entries == 0
+        ):
+            return
+        limit = next((lim for key, lim in items if key == result.key), None)
+        if limit is None:
+            return
+        entries = self._entries
+        now = self._clock()
+        if result.key not in entries and len(entries) >= self.max_entries:
+            # Sweep only when some entry can have expired: a table full of live entries
+            # costs one comparison per denial, not a scan.
+            if now >= self._sweep_at:
+                for key in [k for k, e in entries.items() if e[0] <= now]:
+                    del entries[key]
+                self._sweep_at = min((e[0] for e in entries.values()), default=0.0)
+            if len(entries) >= self.max_entries:
+                self.full += 1
+                return
+        entries[result.key] = (
+            now + result.retry_after,
+            limit.interval_us,
+            limit.tolerance_us,
+            cost,
+            result.remaining,
+            now + result.reset_after,
+        )

@@ -312,6 +312,9 @@ def _app_metrics(app: Any) -> Iterator[Metric]:
             )
             revocation.add_metric([revoked_version], 1)
             yield revocation
+    limiter = getattr(getattr(app, "authorizer", None), "limiter", None)
+    if limiter is not None and hasattr(limiter, "redis_latency"):
+        yield from _redis_limiter_metrics(limiter)
     stats = getattr(app, "stats", None)
     if stats is not None:
         yield _counter(
@@ -319,6 +322,81 @@ def _app_metrics(app: Any) -> Iterator[Metric]:
             "Checks that failed unexpectedly (answered 503 internal_error)",
             stats.errors,
         )
+
+
+def _histogram(name: str, doc: str, hist: Any) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc)
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip((*hist.buckets, float("inf")), list(hist.counts), strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    family.add_metric([], buckets, hist.sum)
+    return family
+
+
+def _redis_limiter_metrics(rl: Any) -> Iterator[Metric]:
+    """The shared limiter (extauthz.backends.redis_limiter.RedisLimiter): latency of the
+    Redis call, recent p50/p99 (so the deadline can be compared with what Redis does), the
+    breaker, the queue and the over-limit cache."""
+    yield _histogram(
+        "extauthz_ratelimit_redis_seconds",
+        "Round trip of one pipeline of rate-limit scripts to Redis",
+        rl.redis_latency,
+    )
+    yield _histogram(
+        "extauthz_ratelimit_check_seconds",
+        "One check's wait for the shared limiter, from queued to answered by Redis",
+        rl.check_latency,
+    )
+    recent = GaugeMetricFamily(
+        "extauthz_ratelimit_check_recent_seconds",
+        "Quantiles of the last 2048 checks' wait for Redis (compare with the deadline)",
+        labels=["quantile"],
+    )
+    for q in (0.5, 0.99):
+        recent.add_metric([str(q)], rl.check_latency.quantile(q))
+    yield recent
+    yield _gauge(
+        "extauthz_ratelimit_deadline_seconds", "Per-check Redis deadline", rl.timeout
+    )
+    yield _counter(
+        "extauthz_ratelimit_redis_round_trips",
+        "Pipelines sent to Redis (each carries the scripts of many checks)",
+        rl.round_trips,
+    )
+    yield _counter(
+        "extauthz_ratelimit_redis_checks", "Checks sent to Redis", rl.checks_sent
+    )
+    yield _counter(
+        "extauthz_ratelimit_deadline_exceeded",
+        "Checks that got no answer from Redis within the deadline",
+        rl.timeouts,
+    )
+    yield _counter(
+        "extauthz_ratelimit_queue_overflows",
+        "Checks answered by the failure mode because the Redis queue was full",
+        rl.queue_overflows,
+    )
+    yield _gauge("extauthz_ratelimit_queue", "Checks waiting to be sent to Redis", rl.pending)
+    yield _gauge(
+        "extauthz_ratelimit_breaker_state",
+        "Redis breaker: 0 closed (Redis asked), 1 open (failure mode answers), 2 half-open",
+        int(rl.breaker.state),
+    )
+    yield _counter(
+        "extauthz_ratelimit_breaker_opened", "Times the Redis breaker opened", rl.breaker.opened
+    )
+    yield _counter(
+        "extauthz_ratelimit_overlimit_cache_hits",
+        "Checks denied locally because the key was known to be over its limit",
+        rl.overlimit.hits,
+    )
+    yield _gauge(
+        "extauthz_ratelimit_overlimit_cache_entries",
+        "Keys currently known to be over their limit",
+        len(rl.overlimit),
+    )
 
 
 def _jwks_metrics(caches: list[Any]) -> Iterator[Metric]:

@@ -40,11 +40,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import socket
 import ssl
 import stat
-import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +241,16 @@ def peer_from_xfcc(value: str) -> Peer:
     return Peer(principal=element.uri, certificate=element.cert)
 
 
+_NAMES: dict[bytes, str] = {}  # raw header name -> lowercase str: a mesh sends few names
+
+
+def _name(raw: bytes) -> str:
+    key = raw.decode("latin-1").lower()
+    if len(_NAMES) < 1024:
+        _NAMES[raw] = key
+    return key
+
+
 class _Refused(Exception):
     """Raised inside a parser callback: answer `status`, record a denial, close."""
 
@@ -303,7 +313,8 @@ class CheckConnection(asyncio.Protocol):
         self._completed = 0  # requests completed during the current data_received
         self._closing = False
         self._pending_refusal: tuple[int, str] | None = None
-        self.deadline = 0.0
+        # Sweeps since the head began or the last answer (a clock read per check costs more).
+        self.ticks = 0
 
     # asyncio.Protocol -----------------------------------------------------------------------
 
@@ -323,7 +334,6 @@ class CheckConnection(asyncio.Protocol):
             transport.abort()
             return
         server.connections.add(self)
-        self.deadline = time.monotonic() + server.limits.idle_timeout
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # answers are one small write each
@@ -365,8 +375,9 @@ class CheckConnection(asyncio.Protocol):
         if self._busy or self._completed:
             raise _Refused(400, "pipelined requests are not accepted")
         self._in_head = True
-        self._started = self._server.app.clock()
-        self.deadline = time.monotonic() + self._server.limits.header_timeout
+        self.ticks = 0
+        app = self._server.app
+        self._started = app.clock() if app.observers else 0.0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -375,7 +386,9 @@ class CheckConnection(asyncio.Protocol):
         self._count += 1
         if self._count > self._server.limits.max_headers:
             raise _Refused(431, f"more than {self._server.limits.max_headers} headers")
-        key = name.decode("latin-1").lower()
+        key = _NAMES.get(name)
+        if key is None:
+            key = _name(name)
         text = value.decode("utf-8", "replace")
         headers = self._headers
         if key in headers:
@@ -484,12 +497,11 @@ class CheckConnection(asyncio.Protocol):
         if transport is None or self._closing:
             return
         transport.write(data)
-        server = self._server
-        if server.draining and not self._busy:
+        if self._server.draining and not self._busy:
             self._closing = True
             transport.close()
             return
-        self.deadline = time.monotonic() + server.limits.idle_timeout
+        self.ticks = 0
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer a request that cannot be read, record it as a denial, and close."""
@@ -513,13 +525,17 @@ class CheckConnection(asyncio.Protocol):
             self._transport.write(server.responses.build(decision, status=status, close=True))
             self._transport.close()
 
-    def expire(self, now: float) -> None:
-        """Called by the sweep: a head not finished in time, or a connection idle too long."""
-        if self._closing or self._busy or now < self.deadline:
+    def expire(self, head_ticks: int, idle_ticks: int) -> None:
+        """Called by the sweep: a head not finished in time, or a connection idle too long.
+        Counted in sweeps; the first sweep after a reset may come at once, so a deadline of
+        k sweeps waits at least k - 1 intervals (see HttpCheckServer.sweep)."""
+        if self._closing or self._busy:
             return
+        self.ticks += 1
         if self._in_head:
-            self._refuse(408, "request head not finished in time")
-        else:
+            if self.ticks > head_ticks:
+                self._refuse(408, "request head not finished in time")
+        elif self.ticks > idle_ticks:
             self._closing = True
             if self._transport is not None:
                 self._transport.close()
@@ -575,9 +591,11 @@ class HttpCheckServer:
         return ""
 
     def sweep(self) -> None:
-        now = time.monotonic()
+        limits = self.limits
+        head = math.ceil(limits.header_timeout / limits.sweep_interval)
+        idle = math.ceil(limits.idle_timeout / limits.sweep_interval)
         for connection in list(self.connections):
-            connection.expire(now)
+            connection.expire(head, idle)
 
 
 def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:

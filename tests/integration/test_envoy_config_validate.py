@@ -270,3 +270,14 @@ def test_cli_refuses_what_the_doctor_flags(tmp_path: Path) -> None:
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"]["address"] = "10.1.2.3"
     assert [f.code for f in diagnose(doc)] == ["authz_cluster.plaintext"]
+
+
+@pytest.mark.parametrize("variant", HTTP_VARIANTS)
+@pytest.mark.parametrize("option", sorted(HTTP_OPTIONS))
+def test_http_transport_variant_is_clean_under_doctor(variant: Variant, option: str) -> None:
+    from extauthz.tools.doctor import PolicyFacts, diagnose
+
+    doc = as_bootstrap(variant, HTTP_OPTIONS[option])
+    for policy in (None, PolicyFacts(("orders.demo.local",), matches_on_path=True)):
+        findings = [(f.code, f.path, f.message) for f in diagnose(doc, policy)]
+        assert findings == [], f"{variant}/{option} policy={policy}:\n{findings}"

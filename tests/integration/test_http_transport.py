@@ -435,3 +435,69 @@ def test_serve_with_http_listen_only_answers_checks_and_exits_0_on_sigterm(tmp_p
         assert "9191" not in log.read_text()  # --http-listen alone: no gRPC listener
     finally:
         assert stop(proc) == 0, log.read_text()
+
+
+def test_workers_share_http_connections_through_so_reuseport(tmp_path: Path) -> None:
+    """`--workers 2 --http-listen`: each new connection (Envoy opens one per concurrent check)
+    lands on either worker; both decide a share. 60 connections: a worker with under 15% of
+    them is a >5-sigma event for a fair spread, so this does not flake."""
+    import re
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from .http_harness import POLICY
+    from .server_process import free_port, stop
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "orders.yaml").write_text(POLICY)
+    port = free_port()
+    metrics = _port_pair()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--policy", str(tmp_path / "policy"),
+             "--http-listen", f"127.0.0.1:{port}", "--workers", "2",
+             "--metrics-listen", f"127.0.0.1:{metrics}", "--decision-log", "none"],
+            stdout=out, stderr=subprocess.STDOUT)
+
+    def checks(worker: int) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics + worker}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(v) for v in re.findall(
+            r'^extauthz_checks_total\{[^}]*\} ([0-9.e+]+)$', text, re.MULTILINE))
+
+    try:
+        deadline = time.monotonic() + 30
+        while log.read_text().count("http://127.0.0.1") < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        for _ in range(60):  # a new connection each, as Envoy's pool opens them
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(check())
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200 "), data
+        counts = [checks(0), checks(1)]
+        assert sum(counts) == 60
+        assert min(counts) >= 9, counts
+    finally:
+        assert stop(proc) == 0, log.read_text()
+
+
+def _port_pair() -> int:
+    """A free port P with P+1 free too (worker i serves metrics on P+i)."""
+    import socket
+
+    from .server_process import free_port
+
+    while True:
+        first = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", first + 1))
+            except OSError:
+                continue
+        return first

@@ -25,13 +25,14 @@ from extauthz.decide.ratelimit import (
     rule_key,
 )
 from extauthz.model import Outcome
-from tests.redis_server import RedisServer, docker_available, free_port
+from tests.redis_server import RedisServer, SilentListener, docker_available, free_port
 
 pytestmark = pytest.mark.redis
 
 T = TypeVar("T")
 HOUR = 3600.0  # long periods: no refill happens while a test runs
 SLACK = 0.050  # "no call slower than timeout + 50 ms"
+ENVOY_TIMEOUT = 0.250  # ext_authz timeout of the generated Envoy config
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -144,7 +145,7 @@ def test_refill_uses_redis_time(redis_url: str) -> None:
 
 def test_concurrent_checks_allow_exactly_the_limit(redis_url: str) -> None:
     async def main() -> None:
-        rl = RedisLimiter.from_url(redis_url, timeout=2.0, max_connections=32)
+        rl = RedisLimiter.from_url(redis_url, timeout=2.0, overlimit_entries=0)
         limit = Limit(rate=1, period=HOUR, burst=50)
         try:
             results = await asyncio.gather(*(rl.hit("p", limit) for _ in range(300)))
@@ -152,6 +153,8 @@ def test_concurrent_checks_allow_exactly_the_limit(redis_url: str) -> None:
             await rl.aclose()
         assert not any(r.backend_error for r in results)
         assert sum(r.allowed for r in results) == 50
+        # Pipelined: 300 concurrent checks left in a few round trips, not 300.
+        assert rl.checks_sent == 300 and rl.round_trips <= 10, rl.round_trips
 
     run(main())
 
@@ -281,7 +284,13 @@ async def outage(
     expect_mode(mode, [r for r, _ in out], burst=5)
     slowest = max(took for _, took in out)
     assert slowest < rl.timeout + SLACK, f"{mode}: slowest call {slowest * 1000:.1f} ms"
+    assert p99([took for _, took in out]) < ENVOY_TIMEOUT
     return out
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
 @pytest.mark.parametrize("mode", list(FailureMode))
@@ -290,7 +299,7 @@ def test_sigstopped_redis_is_bounded_and_recovers(
 ) -> None:
     async def main() -> None:
         rl = RedisLimiter.from_url(
-            redis_proc.url, failure_mode=mode, breaker_threshold=3, breaker_cooldown=0.1
+            redis_proc.url, failure_mode=mode, breaker_min_calls=3, breaker_cooldown=0.1
         )
         limit = Limit(1, HOUR, 5)
         try:
@@ -318,7 +327,9 @@ def test_killed_redis_is_bounded_and_recovers_on_restart(
     redis_proc: RedisServer, mode: FailureMode
 ) -> None:
     async def main() -> None:
-        rl = RedisLimiter.from_url(redis_proc.url, failure_mode=mode, breaker_cooldown=0.1)
+        rl = RedisLimiter.from_url(
+            redis_proc.url, failure_mode=mode, breaker_min_calls=3, breaker_cooldown=0.1
+        )
         limit = Limit(1, HOUR, 5)
         try:
             # Warm the pool: several live connections that the kill will break.
@@ -347,10 +358,164 @@ def test_timed_out_calls_do_not_leak_tasks(redis_proc: RedisServer) -> None:
             assert all(r.backend_error for r in results)
         finally:
             await rl.aclose()
-        assert not rl._inflight
+        assert not rl._batches and not rl.pending
         assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
     run(main())
+
+
+@pytest.mark.parametrize("mode", list(FailureMode))
+def test_listener_that_never_answers_is_bounded_then_recovers_when_redis_takes_over(
+    mode: FailureMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host that accepts and never answers: no error ever arrives, only the deadline
+    ends each wait; the breaker opens, probes, and closes once a real Redis listens."""
+
+    async def main(listener: SilentListener) -> RedisLimiter:
+        rl = RedisLimiter.from_url(
+            listener.url, failure_mode=mode, breaker_min_calls=5, breaker_cooldown=0.1
+        )
+        latencies: list[float] = []
+        try:
+            for _ in range(3):  # waves of concurrent checks, as a busy replica sends them
+                out = await asyncio.gather(
+                    *(timed(lambda i=i: rl.hit(f"k{i}", Limit(1, HOUR, 5))) for i in range(40))
+                )
+                assert all(r.backend_error or r.degraded for r, _ in out)
+                latencies += [took for _, took in out]
+            assert max(latencies) < rl.timeout + SLACK and p99(latencies) < ENVOY_TIMEOUT
+            assert rl.breaker.opened >= 1 and not rl.healthy
+            assert rl.pending == 0 and len(rl._batches) <= rl.max_inflight
+            listener.close()
+            with RedisServer(port=listener.port) as server:
+                assert server.port == listener.port
+                r = await wait_until_recovered(rl, "back", Limit(1, HOUR, 5))
+                assert r.allowed and r.remaining == 4
+        finally:
+            await rl.aclose()
+        return rl
+
+    with caplog.at_level("INFO", logger="extauthz.ratelimit"), SilentListener() as listener:
+        rl = run(main(listener))
+        assert listener.accepted >= 1
+    states = [rec.__dict__.get("state") for rec in caplog.records
+              if rec.__dict__.get("event") == "ratelimit_breaker"]
+    assert states[0] == "open" and states[-1] == "closed", states
+    assert rl.timeouts > 0
+
+
+def test_flood_against_hung_redis_is_capped_and_answered_at_once(
+    redis_proc: RedisServer,
+) -> None:
+    """Nothing grows without bound: beyond `max_pending` queued checks the failure mode
+    answers immediately; the queue drains to zero once Redis answers again."""
+
+    async def main() -> None:
+        rl = RedisLimiter.from_url(
+            redis_proc.url, max_pending=100, breaker_cooldown=0, overlimit_entries=0
+        )
+        limit = Limit(1, HOUR, 1_000_000)
+        try:
+            await rl.start()
+            redis_proc.pause()
+            try:
+                out = await asyncio.gather(
+                    *(timed(lambda i=i: rl.hit(f"k{i % 50}", limit)) for i in range(3000))
+                )
+                peak = rl.pending
+            finally:
+                redis_proc.resume()
+            assert all(r.backend_error and not r.allowed for r, _ in out)
+            assert rl.queue_overflows >= 3000 - 100 - rl.max_inflight * rl.max_batch
+            assert max(took for _, took in out) < rl.timeout + SLACK * 4
+            assert peak <= rl.max_pending
+            r = await wait_until_recovered(rl, "after", Limit(1, HOUR, 5))
+            assert r.allowed and rl.pending == 0
+        finally:
+            await rl.aclose()
+        assert not rl._batches
+
+    run(main())
+
+
+def test_over_limit_key_is_answered_locally_until_retry_after(redis_url: str) -> None:
+    async def main() -> None:
+        rl = RedisLimiter.from_url(redis_url, timeout=1.0)
+        limit = Limit(rate=1, period=0.6, burst=2)  # one more every 0.6 s
+        try:
+            assert [(await rl.hit("p", limit)).allowed for _ in range(3)] == [True, True, False]
+            trips = rl.round_trips
+            local = [await rl.hit("p", limit) for _ in range(50)]
+            assert rl.round_trips == trips  # no Redis round trip for a known over-limit key
+            assert not any(r.allowed or r.backend_error for r in local)
+            assert all(0 < r.retry_after <= 0.6 for r in local)
+            assert limit_outcome(local[0]) is Outcome.RATE_LIMITED
+            assert rl.overlimit.hits == 50
+            await asyncio.sleep(local[-1].retry_after + 0.05)
+            again = await rl.hit("p", limit)  # retry-after passed: Redis decides again
+            assert again.allowed and rl.round_trips == trips + 1
+        finally:
+            await rl.aclose()
+
+    run(main())
+
+
+def test_bursts_over_three_limiters_with_default_deadline_never_fail(redis_url: str) -> None:
+    async def main() -> None:
+        replicas = [RedisLimiter.from_url(redis_url) for _ in range(3)]
+        assert replicas[0].timeout == 0.1  # the default, not an inflated one
+        try:
+            for n, size in enumerate((60, 120, 200, 200, 200)):
+                limit = Limit(1, HOUR, size // 3)
+                out = await asyncio.gather(
+                    *(replicas[i % 3].hit(f"burst{n}", limit) for i in range(size))
+                )
+                assert not any(r.backend_error or r.degraded for r in out)
+                assert sum(r.allowed for r in out) == size // 3
+            trips = sum(rl.round_trips for rl in replicas)
+            sent = sum(rl.checks_sent for rl in replicas)
+            assert trips * 10 <= sent, (trips, sent)  # pipelined: many checks per trip
+        finally:
+            for rl in replicas:
+                await rl.aclose()
+
+    run(main())
+
+
+def test_limiter_metrics_show_latency_breaker_queue_and_cache(redis_url: str) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    from extauthz.observe.metrics import _redis_limiter_metrics
+
+    async def main() -> RedisLimiter:
+        rl = RedisLimiter.from_url(redis_url)
+        try:
+            await asyncio.gather(*(rl.hit("m", Limit(1, HOUR, 10)) for _ in range(30)))
+            await rl.hit("m", Limit(1, HOUR, 10))
+        finally:
+            await rl.aclose()
+        return rl
+
+    rl = run(main())
+
+    class One(Collector):
+        def collect(self) -> Any:
+            return _redis_limiter_metrics(rl)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(One())
+    text = generate_latest(registry).decode()
+    samples = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert float(samples["extauthz_ratelimit_redis_checks_total"]) == 30
+    assert 1 <= float(samples["extauthz_ratelimit_redis_round_trips_total"]) <= 5
+    assert float(samples["extauthz_ratelimit_redis_seconds_count"]) >= 1
+    assert float(samples['extauthz_ratelimit_check_recent_seconds{quantile="0.99"}']) > 0
+    assert float(samples["extauthz_ratelimit_breaker_state"]) == 0
+    assert float(samples["extauthz_ratelimit_overlimit_cache_hits_total"]) == 1
+    assert float(samples["extauthz_ratelimit_deadline_seconds"]) == 0.1
 
 
 # --- the Docker path ---------------------------------------------------------------------

@@ -266,9 +266,12 @@ def test_the_documented_scrape_and_metric_table_are_current() -> None:
     m.observe(None, result(CHECKOUT), 0.001)
     m.observe(None, result(CHECKOUT, Outcome.RATE_LIMITED, Reason.RATE_LIMITED,
                            LimitResult(False, 3, 0, 1.0, 1.0, backend_error=True)), 0.001)
+    from extauthz.backends.redis_limiter import RedisLimiter  # its metrics need no Redis
+
     app = SimpleNamespace(cache=Cache(), store=Store(compiled(RULES)),
                           stats=SimpleNamespace(errors=0),
-                          revocation_failures=0, revocation_version="v")
+                          revocation_failures=0, revocation_version="v",
+                          authorizer=SimpleNamespace(limiter=RedisLimiter(None)))
     jwks = SimpleNamespace(name="i", fetch_count=1, ready=True, fetch_failures=0, last_error="")
     dl = SimpleNamespace(written=0, dropped=0, sampled_out=0, write_errors=0, queued=0,
                          reopens=0)

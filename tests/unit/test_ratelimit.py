@@ -13,10 +13,12 @@ from extauthz.decide.ratelimit import (
     Limit,
     LimitResult,
     LocalLimiter,
+    OverLimitCache,
     limit_outcome,
     principal_key,
     rate_limit_headers,
     rule_key,
+    unavailable_result,
 )
 from extauthz.model import Outcome
 
@@ -340,3 +342,81 @@ def test_no_interval_ever_exceeds_burst_plus_rate(
         for t1, cost in log[i:]:
             used += cost
             assert used <= burst + math.floor((t1 - t0) / interval + 1e-6), (t0, t1)
+
+
+# --- over-limit cache ----------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _denial(key: str, retry_after: float, remaining: int = 0) -> LimitResult:
+    return LimitResult(False, 5, remaining, retry_after + 1.0, retry_after, key=key)
+
+
+def test_overlimit_cache_denies_locally_until_retry_after_then_asks_again() -> None:
+    clock = _Clock()
+    cache = OverLimitCache(clock)
+    lim = Limit(1, 10.0, 5)
+    items = [("p", lim), ("p:r", Limit(1, 1.0, 1))]
+    cache.put(items, 1, _denial("p", 2.0))
+    clock.now += 1.5
+    hit = cache.get(items, 1)
+    assert hit is not None and not hit.allowed and not hit.backend_error
+    assert hit.key == "p" and hit.retry_after == pytest.approx(0.5)
+    assert hit.limit == 5 and hit.reset_after == pytest.approx(1.5)
+    assert limit_outcome(hit) is Outcome.RATE_LIMITED
+    clock.now += 0.5
+    assert cache.get(items, 1) is None and len(cache) == 0  # expired: dropped
+    assert cache.hits == 1
+
+
+def test_overlimit_cache_ignores_other_limits_smaller_costs_and_peeks() -> None:
+    clock = _Clock()
+    cache = OverLimitCache(clock)
+    lim = Limit(1, 10.0, 5)
+    cache.put([("p", lim)], 3, _denial("p", 5.0))
+    assert cache.get([("p", Limit(2, 10.0, 5))], 3) is None  # the policy changed the limit
+    assert cache.get([("p", lim)], 1) is None  # a cheaper check may fit
+    assert cache.get([("p", lim)], 0) is None  # a peek
+    assert cache.get([("q", lim)], 3) is None
+    assert cache.get([("p", lim)], 3) is not None
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        LimitResult(True, 5, 4, 1.0, 0.0, key="p"),
+        unavailable_result(allowed=False, key="p"),
+        LimitResult(False, 5, 0, 1.0, 1.0, degraded=True, key="p"),
+        LimitResult(False, 5, 0, 1.0, 0.0, key="p"),
+        LimitResult(False, 5, 0, 1.0, 1.0, key="not-in-the-check"),
+    ],
+)
+def test_overlimit_cache_remembers_only_genuine_denials(result: LimitResult) -> None:
+    cache = OverLimitCache(_Clock())
+    cache.put([("p", Limit(1, 1.0, 5))], 1, result)
+    assert len(cache) == 0
+
+
+def test_overlimit_cache_is_bounded_and_reuses_expired_slots() -> None:
+    clock = _Clock()
+    cache = OverLimitCache(clock, max_entries=3)
+    lim = Limit(1, 10.0, 5)
+    for i in range(3):
+        cache.put([(f"k{i}", lim)], 1, _denial(f"k{i}", 1.0 + i))
+    cache.put([("k3", lim)], 1, _denial("k3", 9.0))
+    assert len(cache) == 3 and cache.full == 1 and cache.get([("k3", lim)], 1) is None
+    clock.now += 1.5  # k0 expired: its slot is reused
+    cache.put([("k3", lim)], 1, _denial("k3", 9.0))
+    assert len(cache) == 3 and cache.get([("k3", lim)], 1) is not None
+    with pytest.raises(ValueError):
+        OverLimitCache(clock, max_entries=-1)
+    disabled = OverLimitCache(clock, max_entries=0)
+    disabled.put([("k", lim)], 1, _denial("k", 1.0))
+    assert len(disabled) == 0

@@ -15,6 +15,8 @@ from extauthz.tools.doctor.policy_facts import PolicyFacts
 from extauthz.tools.doctor.route_checks import AuthzFilter
 from extauthz.tools.doctor.routes import Normalization
 
+_UNSEEN = "?"  # an ECDS filter that is not in the input
+_UNSEEN_AUTHZ = "?ext_authz"  # ... and its type_urls say it is ext_authz
 _GRPC_ONLY = (
     ("include_peer_certificate", "include_peer_certificate"),
     ("include_tls_session", "include_tls_session"),
@@ -60,7 +62,8 @@ class HttpChecks:
                      "the input", label)
             if e.EXT_AUTHZ in urls:
                 self.ext_authz_seen = True  # there is one; its settings are unknown
-            return "", None, fpath
+                return _UNSEEN_AUTHZ, None, fpath
+            return _UNSEEN, None, fpath
         if f.typed_config is None:
             return (e.ROUTER if f.name in e.ROUTER_NAMES else ""), None, fpath
         kind = type_of(f.typed_config)
@@ -91,14 +94,18 @@ class HttpChecks:
                                          bool(f.disabled), msg.http_service is not None))
             elif kind == e.ROUTER and router is None:
                 router = i
-        if router is None and not any(k == "" for _, k, _, _ in kinds):
+        unseen = any(k in (_UNSEEN, _UNSEEN_AUTHZ) for _, k, _, _ in kinds)
+        if router is None and not unseen:
             self.add("hcm.no_router", f"{path}.http_filters",
                      f"{label}: no envoy.filters.http.router among {len(filters)} http_filters",
                      label)
         norm = _normalization(hcm)
         if not authz:
-            if self.ext_authz_seen and any(k == "" for _, k, _, _ in kinds):
-                return False  # an ECDS ext_authz we cannot see: reported already
+            if any(k == _UNSEEN_AUTHZ for _, k, _, _ in kinds):
+                # an ECDS ext_authz we cannot see (reported): say what else is missing
+                self.routes_known = False
+                self._route_config(hcm, path, label, report=True)
+                return False
             self.add("hcm.no_ext_authz", f"{path}.http_filters",
                      f"{label}: this HTTP connection manager has no ext_authz filter", label)
             rc = self._route_config(hcm, path, label, report=False)
@@ -108,10 +115,11 @@ class HttpChecks:
         self.ext_authz_seen = True
         self.http_ext_authz_seen = True
         for a in authz:
-            self.ext_authz(a, label)
+            flabel = f"{label} > http filter {a.name!r}"
+            self.ext_authz(a, flabel)
             self.order(a, kinds, filters, router, label)
             if a.http:
-                self.http_identity(hcm, path, a, label)
+                self.http_identity(hcm, path, a, flabel)
         self.stripped(kinds, authz[0].index, path, label)
         self.path_settings(hcm, path, label)
         self.xfcc(hcm, path, label)
