@@ -41,6 +41,7 @@ from extauthz.identity.xfcc import (
     parse_xfcc,
     trusted_element,
 )
+from extauthz.memo import Memo
 from extauthz.model import Identity, IdentityFailure, IdentitySource, Reason, Request
 
 MAX_PRINCIPAL_LENGTH = 2048
@@ -348,9 +349,9 @@ class IdentityResolver:
         builtin = all(isinstance(s, MtlsSource | XfccSource | JwtSource) for s in self._sources)
         self._memo_size = memo_size if builtin else 0
         # (principal, certificate, XFCC present) -> (answer, valid until or None).
-        self._memo: dict[
+        self._memo: Memo[
             tuple[str, str, bool], tuple[Identity | IdentityFailure | None, float | None]
-        ] = {}
+        ] = Memo(self._memo_size)
 
     @classmethod
     def from_config(
@@ -432,12 +433,7 @@ class IdentityResolver:
             )
         else:
             entry = (answer, None)
-        if len(memo) >= self._memo_size:
-            try:
-                del memo[next(iter(memo))]
-            except (KeyError, RuntimeError, StopIteration):  # raced with another thread
-                memo.clear()
-        memo[key] = entry
+        memo.put(key, entry)
         return answer
 
     def resolve_detailed(self, request: Request, now: float) -> Resolution:

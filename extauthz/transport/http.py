@@ -57,6 +57,7 @@ from extauthz.decide.pipeline import REALM, CheckResult
 from extauthz.decide.ratelimit import rate_limit_headers
 from extauthz.identity.resolver import www_authenticate
 from extauthz.identity.xfcc import XfccError, parse_xfcc, sidecar_element
+from extauthz.memo import Memo
 from extauthz.model import Decision, IdentityFailure, IdentitySource, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 from extauthz.transport.tls import TlsConfig
@@ -241,14 +242,11 @@ def peer_from_xfcc(value: str) -> Peer:
     return Peer(principal=element.uri, certificate=element.cert)
 
 
-_NAMES: dict[bytes, str] = {}  # raw header name -> lowercase str: a mesh sends few names
+HEADER_NAME_MEMO_SIZE = 1024  # raw header name -> lowercase str: a mesh sends few names
 
 
 def _name(raw: bytes) -> str:
-    key = raw.decode("latin-1").lower()
-    if len(_NAMES) < 1024:
-        _NAMES[raw] = key
-    return key
+    return raw.decode("latin-1").lower()
 
 
 class _Refused(Exception):
@@ -300,6 +298,7 @@ class CheckConnection(asyncio.Protocol):
 
     def __init__(self, server: HttpCheckServer) -> None:
         self._server = server
+        self._names = server.header_names
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
@@ -386,9 +385,9 @@ class CheckConnection(asyncio.Protocol):
         self._count += 1
         if self._count > self._server.limits.max_headers:
             raise _Refused(431, f"more than {self._server.limits.max_headers} headers")
-        key = _NAMES.get(name)
+        key = self._names.get(name)
         if key is None:
-            key = _name(name)
+            key = self._names.put(name, _name(name))
         text = value.decode("utf-8", "replace")
         headers = self._headers
         if key in headers:
@@ -565,16 +564,14 @@ class HttpCheckServer:
         self.connections: set[CheckConnection] = set()
         self.tasks: set[asyncio.Task[CheckResult]] = set()
         self.draining = False
-        self._peers: dict[str, Peer] = {}
+        self._peers: Memo[str, Peer] = Memo(XFCC_MEMO_SIZE)
+        self.header_names: Memo[bytes, str] = Memo(HEADER_NAME_MEMO_SIZE)
 
     def peer(self, xfcc: str) -> Peer:
         """The XFCC value's peer, memoized: a mesh has few callers, parsing costs more."""
         found = self._peers.get(xfcc)
         if found is None:
-            found = peer_from_xfcc(xfcc)
-            if len(self._peers) >= XFCC_MEMO_SIZE:
-                self._peers.clear()
-            self._peers[xfcc] = found
+            found = self._peers.put(xfcc, peer_from_xfcc(xfcc))
         return found
 
     def refuse_peer(self, transport: asyncio.Transport) -> str:

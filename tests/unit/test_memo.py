@@ -56,10 +56,10 @@ def test_no_module_keeps_a_memo_as_a_global() -> None:
     for path in root.rglob("*.py"):
         for node in ast.parse(path.read_text()).body:
             value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
-            if isinstance(value, ast.Dict | ast.Call) and (
-                (isinstance(value, ast.Dict) and not value.keys)
-                or (isinstance(value, ast.Call) and getattr(value.func, "id", "") in ("Memo", "dict")
-                and not value.args and not value.keywords)
-            ):
+            name = getattr(getattr(value, "func", None), "id", "")
+            empty_dict = (isinstance(value, ast.Dict) and not value.keys) or (
+                isinstance(value, ast.Call) and name == "dict" and not value.args
+                and not value.keywords)
+            if empty_dict or name == "Memo":
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
