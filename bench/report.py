@@ -370,6 +370,14 @@ def transports_text(res: dict[str, Any]) -> str:
                  _f(r["rps"]), " / ".join(f"{s:.0%}" for s in r.get("shares", []))]
                 for r in t.get("workers", [])]),
         "",
+        "**Which transport when.** Beside the sidecar (loopback or a unix socket) for HTTP "
+        "services, choose **HTTP** (`extauthz serve --http-listen`, `extauthz envoy-config "
+        "--transport http`): the same decisions at a fraction of the CPU per check on both "
+        "sides of the hop and more requests/s through the mesh. Choose **gRPC** for TCP "
+        "services (Envoy's network ext_authz speaks only gRPC), when policies need the route "
+        "name, metadata namespaces or the body, or when one extauthz serves several Envoys "
+        "over the network. docs/operations.md explains how to wire each.",
+        "",
         _table(["target (issue 15)", "measured", "verdict"],
                [[x["target"], x["measured"], f"**{x['verdict']}**"]
                 for x in transport_verdicts(res)]),

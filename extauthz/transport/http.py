@@ -544,6 +544,10 @@ class CheckConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def abort_unless_closing(self) -> None:
+        if not self._closing:
+            self._abort()
+
     def close_if_idle(self) -> None:
         if not self._busy and not self._in_head and not self._closing:
             self._closing = True
@@ -662,7 +666,11 @@ class HttpTransport:
         settings = self.app.settings
         loop = asyncio.get_running_loop()
         state = self.server
-        context = _ssl_context(state.tls) if state.tls is not None else None
+        try:
+            context = _ssl_context(state.tls) if state.tls is not None else None
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingsError(f"tls_cert/tls_key/tls_client_ca: unusable for the HTTP "
+                                f"listener: {exc}") from None
         bound: list[str] = []
         for addr in settings.http_listen:
             host, where = parse_listen_address(addr)
@@ -675,6 +683,9 @@ class HttpTransport:
                 try:
                     server = await loop.create_unix_server(
                         lambda: CheckConnection(state), path, backlog=1024)
+                except OSError as exc:
+                    raise SettingsError(f"http_listen: cannot bind {addr}: "
+                                        f"{exc.strerror or exc}") from None
                 finally:
                     os.umask(previous)
                 os.chmod(path, settings.socket_mode)
@@ -697,7 +708,10 @@ class HttpTransport:
         interval = self.server.limits.sweep_interval
         while True:
             await asyncio.sleep(interval)
-            self.server.sweep()
+            try:
+                self.server.sweep()
+            except Exception:  # a sweep that stopped would leave slow heads open forever
+                log.exception("HTTP connection sweep failed", extra={"event": "http_sweep_error"})
 
     async def set_serving(self, serving: bool) -> None:
         """Nothing to tell: Envoy's HTTP health checks are not served here (see docs)."""
@@ -712,7 +726,7 @@ class HttpTransport:
         if state.tasks:
             await asyncio.wait(set(state.tasks), timeout=grace)
         for connection in list(state.connections):
-            connection._abort()
+            connection.abort_unless_closing()  # a closing one still flushes its last answer
         if self._sweeper is not None:
             self._sweeper.cancel()
         for addr in self.app.settings.http_listen:

@@ -145,3 +145,20 @@ def test_grpc_and_http_transports_agree_row_by_row(results: dict[str, Any]) -> N
         k: v for k, v in row.items() if k != "path"}
     for name in EXPECTED:
         assert strip(http_rows[name]) == strip(grpc_rows[name]), name
+
+
+@pytest.mark.e2e
+def test_http_transport_over_a_unix_socket(tmp_path: Path, policy_dir: Path) -> None:
+    """The sidecar setup the docs recommend: extauthz on a unix socket (its file mode the
+    access control), Envoy's HTTP ext_authz client on the other end."""
+    _require_envoy()
+    stack = DevStack(policy_dir, trust_domain=TRUST_DOMAIN, authz_protocol="http",
+                     extauthz_transport="unix", workdir=tmp_path / "stack")
+    with stack:
+        assert stack.extauthz_target.startswith("unix:")
+        checkout = stack.issue_svid(CHECKOUT)
+        allowed = call(stack, checkout, "GET", ORDERS, "/v1/orders/unix-1")
+        denied = call(stack, stack.issue_svid(STRANGER), "GET", ORDERS, "/v1/orders/unix-2")
+        assert allowed.status == 200, stack.logs()
+        assert denied.status == 403 and denied.headers.get(REASON) == "principal_not_allowed"
+    assert stack.exit_codes == {"envoy": 0, "extauthz": 0}, stack.logs()

@@ -501,3 +501,64 @@ def _port_pair() -> int:
             except OSError:
                 continue
         return first
+
+
+def test_one_process_serves_grpc_and_http_with_one_lifecycle(tmp_path: Path) -> None:
+    """`--listen` and `--http-listen` together: one policy load, both answer the same policy
+    version, SIGTERM drains both and exits 0."""
+    import socket
+    import subprocess
+    import sys
+
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2 as ea
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
+
+    from .http_harness import POLICY
+    from .server_process import free_port, stop, wait_serving
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "orders.yaml").write_text(POLICY)
+    grpc_port, http_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--policy", str(tmp_path / "policy"),
+             "--listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}",
+             "--decision-log", "none"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(f"127.0.0.1:{grpc_port}", proc)
+        with socket.create_connection(("127.0.0.1", http_port), timeout=5) as sock:
+            sock.sendall(check())
+            replies, _ = read_replies(sock, 1, 5.0)
+        req = ea.CheckRequest()
+        http = req.attributes.request.http
+        http.method, http.host, http.path = "GET", HOST, "/v1/orders/1"
+        req.attributes.source.principal = CHECKOUT
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            response = ea_grpc.AuthorizationStub(channel).Check(req, timeout=5)
+        assert replies[0].status == 200 and response.status.code == 0
+        assert replies[0].header("policy_version") == \
+            response.dynamic_metadata["policy_version"]
+        assert log.read_text().count('"event": "policy_loaded"') == 1
+    finally:
+        assert stop(proc) == 0, log.read_text()
+
+
+def test_http_listen_that_cannot_bind_exits_2_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .http_harness import POLICY
+
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "orders.yaml").write_text(POLICY)
+    sock = tmp_path / "no-such-dir" / "authz.sock"
+    proc = subprocess.run(
+        [sys.executable, "-m", "extauthz", "serve", "--policy", str(tmp_path / "policy"),
+         "--http-listen", f"unix:{sock}", "--decision-log", "none"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"http_listen: cannot bind unix:{sock}" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
