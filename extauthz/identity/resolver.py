@@ -37,9 +37,8 @@ from extauthz.identity.x509svid import (
 from extauthz.identity.xfcc import (
     DEFAULT_MAX_ELEMENTS,
     DEFAULT_MAX_LENGTH,
+    ElementCache,
     XfccError,
-    parse_xfcc,
-    trusted_element,
 )
 from extauthz.memo import Memo
 from extauthz.model import Identity, IdentityFailure, IdentitySource, Reason, Request
@@ -230,6 +229,9 @@ class XfccSource:
     def __init__(self, config: IdentityConfig, mtls: MtlsSource) -> None:
         self._config = config
         self._mtls = mtls
+        self._elements = ElementCache(
+            max_length=config.xfcc_max_bytes, max_elements=config.xfcc_max_elements
+        )
 
     def resolve(
         self, request: Request, now: float, notes: list[str]
@@ -248,15 +250,11 @@ class XfccSource:
         if peer.principal in cfg.revoked_principals:
             return _fail(Reason.REVOKED, "the forwarding proxy is revoked", IdentitySource.XFCC)
         try:
-            elements = parse_xfcc(
-                value, max_length=cfg.xfcc_max_bytes, max_elements=cfg.xfcc_max_elements
-            )
-        except XfccError as exc:
-            return _fail(Reason.INVALID_IDENTITY, f"malformed XFCC: {exc}", IdentitySource.XFCC)
-        try:
-            element = trusted_element(elements, peer.principal)
+            element = self._elements.element(value, peer.principal)
             cert_expiry = check_forwarded_certificate(self._mtls.certs, element, now)
-        except (XfccError, CertificateError) as exc:
+        except XfccError as exc:
+            return _fail(Reason.INVALID_IDENTITY, str(exc), IdentitySource.XFCC)
+        except CertificateError as exc:
             return _fail(Reason.INVALID_IDENTITY, f"XFCC binding: {exc}", IdentitySource.XFCC)
         expiry = peer.expires_at
         if cert_expiry is not None:

@@ -40,7 +40,12 @@ DEFAULT_MAX_ELEMENTS = 16
 _MULTI_VALUED = frozenset({"uri", "dns", "by"})
 # Keys Envoy writes raw; a quoted one did not come from Envoy's writer.
 _RAW_ONLY = frozenset({"by", "hash", "uri", "dns"})
-_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+# Fixed internal patterns (no policy author writes these), linear by construction.
+_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_QUOTED = re.compile(r'((?:[^"\\]|\\.)*)"', re.DOTALL)
+_RAW = re.compile(r"[^,;]*")
+_RAW_AMBIGUOUS = re.compile(r'["=\\]')
 _OWS = " \t"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # The order in which Envoy writes the pairs of its own element (mutateXfccRequestHeader, with
@@ -85,9 +90,8 @@ def parse_xfcc(
     """Parse the whole header into elements (left to right) or raise XfccError."""
     if len(header) > max_length:
         raise XfccError(f"header longer than {max_length} characters")
-    for ch in header:
-        if ch != "\t" and (ord(ch) < 0x20 or ord(ch) == 0x7F):
-            raise XfccError("header contains a control character")
+    if _CONTROL.search(header):
+        raise XfccError("header contains a control character")
     elements: list[XfccElement] = []
     pairs: list[tuple[str, str]] = []
     i, n = 0, len(header)
@@ -117,45 +121,36 @@ def _skip_ows(s: str, i: int) -> int:
 
 
 def _read_key(s: str, i: int) -> tuple[str, int]:
-    start = i
-    while i < len(s) and s[i] in _KEY_CHARS:
-        i += 1
-    if i == start:
-        raise XfccError(f"empty or invalid key at offset {start}")
-    if i >= len(s) or s[i] != "=":
-        raise XfccError(f"key without '=' at offset {start}")
-    return s[start:i].lower(), i + 1
+    found = _KEY.match(s, i)
+    if found is None:
+        raise XfccError(f"empty or invalid key at offset {i}")
+    end = found.end()
+    if end >= len(s) or s[end] != "=":
+        raise XfccError(f"key without '=' at offset {i}")
+    return found.group().lower(), end + 1
 
 
 def _read_value(s: str, i: int) -> tuple[str, bool, int]:
     """(value, was it quoted, offset of the following `,` `;` or end)."""
     n = len(s)
     if i < n and s[i] == '"':
-        start = i + 1
-        i = start
-        while True:
-            if i >= n:
-                raise XfccError("unterminated quoted value")
-            ch = s[i]
-            if ch == "\\":
-                if i + 1 >= n:
-                    raise XfccError("unterminated quoted value")
-                i += 2  # an escaped character never ends the value
-                continue
-            if ch == '"':
-                break
-            i += 1
-        value = s[start:i]
-        i = _skip_ows(s, i + 1)
+        # Up to the first quote not escaped by a backslash: an escaped character (RFC 2253
+        # `\,`, `\"`, `\\`, `\C3`) never ends the value.
+        found = _QUOTED.match(s, i + 1)
+        if found is None:
+            raise XfccError("unterminated quoted value")
+        value = found.group(1)
+        i = _skip_ows(s, found.end())
         if i < n and s[i] not in ",;":
             raise XfccError(f"unexpected text after quoted value at offset {i}")
         return value, True, i
-    start = i
-    while i < n and s[i] not in ",;":
-        if s[i] in '"=\\':
-            raise XfccError(f"unquoted value contains {s[i]!r} at offset {i}")
-        i += 1
-    return s[start:i], False, i
+    found = _RAW.match(s, i)
+    assert found is not None  # [^,;]* always matches
+    value = found.group()
+    bad = _RAW_AMBIGUOUS.search(value)
+    if bad is not None:
+        raise XfccError(f"unquoted value contains {bad.group()!r} at offset {i + bad.start()}")
+    return value, False, found.end()
 
 
 def _element(pairs: list[tuple[str, str]]) -> XfccElement:
@@ -265,6 +260,52 @@ def sidecar_element(elements: tuple[XfccElement, ...]) -> TrustedElement:
             "(forward_client_cert_details: SANITIZE_SET)"
         )
     return check_element(elements[0])
+
+
+class ElementCache:
+    """`parse_xfcc` + `trusted_element` memoized by (header value, proxy): both depend on
+    nothing else, and a gateway repeats the same few headers, so the per-request cost is a
+    lookup. Bounded; a flood of distinct headers only clears it. Failures are kept too, as
+    their message."""
+
+    def __init__(
+        self,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        size: int = 1024,
+    ) -> None:
+        self._max_length = max_length
+        self._max_elements = max_elements
+        self._size = size
+        self._memo: dict[tuple[str, str], TrustedElement | str] = {}
+
+    def element(self, value: str, proxy: str) -> TrustedElement:
+        """The element `proxy` vouches for, or XfccError ("malformed XFCC: ..." when the
+        header does not parse, "XFCC binding: ..." when a binding rule fails)."""
+        key = (value, proxy)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._compute(value, proxy)
+            if len(value) <= self._max_length:  # an oversized header is never kept
+                if len(self._memo) >= self._size:
+                    self._memo.clear()
+                self._memo[key] = found
+        if isinstance(found, str):
+            raise XfccError(found)
+        return found
+
+    def _compute(self, value: str, proxy: str) -> TrustedElement | str:
+        try:
+            elements = parse_xfcc(
+                value, max_length=self._max_length, max_elements=self._max_elements
+            )
+        except XfccError as exc:
+            return f"malformed XFCC: {exc}"
+        try:
+            return trusted_element(elements, proxy)
+        except XfccError as exc:
+            return f"XFCC binding: {exc}"
 
 
 _PEM_BEGIN_ENCODED = "-----BEGIN%20CERTIFICATE-----"

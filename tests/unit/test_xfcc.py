@@ -164,3 +164,80 @@ def test_round_trip_of_quoted_values(elements: list[list[str]]) -> None:
     )
     parsed = parse_xfcc(header)
     assert [[v for _, v in p.pairs] for p in parsed] == [[_quote(v) for v in e] for e in elements]
+
+
+# -- element rules, the memo and certificate hashing ------------------------------------------
+
+PROXY_ID = "spiffe://td.test/ns/edge/sa/gw"
+CLIENT_ID = "spiffe://td.test/ns/web/sa/fe"
+
+
+def test_element_cache_parses_each_header_once_and_is_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from extauthz.identity import xfcc
+
+    calls: list[str] = []
+    real = xfcc.parse_xfcc
+
+    def counting(value: str, **kw: int) -> tuple[XfccElement, ...]:
+        calls.append(value)
+        return real(value, **kw)
+
+    monkeypatch.setattr(xfcc, "parse_xfcc", counting)
+    cache = xfcc.ElementCache(size=2)
+    good = f"By={PROXY_ID};URI={CLIENT_ID}"
+    assert cache.element(good, PROXY_ID) is cache.element(good, PROXY_ID)
+    assert len(calls) == 1
+    for _ in range(2):  # a failure is remembered as its message
+        with pytest.raises(XfccError, match="XFCC binding: .*not the forwarding proxy"):
+            cache.element(good, "spiffe://td.test/other")
+    assert len(calls) == 2
+    with pytest.raises(XfccError, match="malformed XFCC: unterminated"):
+        cache.element('Subject="x', PROXY_ID)  # a third key: the memo (size 2) starts over
+    cache.element(good, PROXY_ID)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize(("element", "match"), [
+    (f"By={PROXY_ID};SAN={CLIENT_ID}", "SAN=, which Envoy never writes"),
+    (f"By={PROXY_ID};URI=", "no URI SAN"),
+    (f"By={PROXY_ID};URI={CLIENT_ID};By={PROXY_ID}", "out of Envoy's order"),
+    (f'By={PROXY_ID};Hash={HASH};Cert="x";URI={CLIENT_ID}', "not one PEM certificate"),
+    (f'By={PROXY_ID};Chain="x";URI={CLIENT_ID}', "Chain= does not start with a complete"),
+])
+def test_check_element_refuses_what_envoy_never_writes(element: str, match: str) -> None:
+    from extauthz.identity.xfcc import check_element
+
+    (parsed,) = parse_xfcc(element)
+    with pytest.raises(XfccError, match=match):
+        check_element(parsed)
+
+
+def test_sidecar_element_is_exactly_one_element() -> None:
+    from extauthz.identity.xfcc import sidecar_element
+
+    one = parse_xfcc(f"By={PROXY_ID};URI={CLIENT_ID}")
+    assert sidecar_element(one).uri == CLIENT_ID
+    two = parse_xfcc(f"By={PROXY_ID};URI={CLIENT_ID},URI=spiffe://td.test/admin")
+    with pytest.raises(XfccError, match="2 elements"):
+        sidecar_element(two)
+
+
+@pytest.mark.parametrize("encoded", [
+    "-----BEGIN%20CERTIFICATE-----%0A%zz%0A-----END%20CERTIFICATE-----%0A",
+    "-----BEGIN%20CERTIFICATE-----%0A!!!!%0A-----END%20CERTIFICATE-----%0A",
+    "-----BEGIN%20CERTIFICATE-----%0AAAAA%0A",
+    "MIIB",
+])
+def test_certificate_sha256_refuses_anything_but_one_pem_block(encoded: str) -> None:
+    from extauthz.identity.xfcc import certificate_sha256
+
+    with pytest.raises(XfccError):
+        certificate_sha256(encoded)
+
+
+def test_a_path_less_trusted_proxy_is_a_configuration_error() -> None:
+    from extauthz.identity.resolver import IdentityConfig
+
+    with pytest.raises(ValueError, match="no path"):
+        IdentityConfig(trusted_proxies=frozenset({"spiffe://td.test"}))
