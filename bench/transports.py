@@ -69,6 +69,7 @@ class Variant:
     transport: str = "grpc"
     authz: str = ""  # "" | grpc-floor | http-floor | extauthz
     config: tuple[tuple[str, Any], ...] = ()
+    streams: int = 0  # gRPC: the authz cluster's max_concurrent_streams (0: Envoy's default)
 
 
 DEFAULTS: tuple[tuple[str, Any], ...] = (("tracing", True), ("decision_log", "stdout"))
@@ -89,6 +90,8 @@ VARIANTS = (
             "extauthz", "http", "extauthz", BARE),
     Variant("grpc-extauthz-bare", "ext_authz gRPC → extauthz, --decision-log none",
             "extauthz", "grpc", "extauthz", BARE),
+    Variant("grpc-extauthz-bare-streams1", "ext_authz gRPC (max_concurrent_streams 1) → "
+            "extauthz, --decision-log none", "extauthz", "grpc", "extauthz", BARE, streams=1),
 )
 
 
@@ -100,8 +103,9 @@ class Authorizers:
         self.policy_dir = policy_dir
         self.commands: dict[str, str] = {}
 
-    def start(self, name: str, kind: str, transport: str,
-              config: Sequence[tuple[str, Any]] = (), args: Sequence[str] = ()) -> tuple[Proc, str]:
+    def start(self, name: str, kind: str, transport: str, *,
+              config: Sequence[tuple[str, Any]] = (), args: Sequence[str] = (),
+              env: dict[str, str] | None = None) -> tuple[Proc, str]:
         port = free_tcp_port()
         target = f"127.0.0.1:{port}"
         if kind == "http-floor":
@@ -115,9 +119,10 @@ class Authorizers:
             argv = [sys.executable, "-m", "extauthz", "serve", "--config", str(path),
                     "--policy", str(self.policy_dir), flag, target, "--log-level", "warning",
                     *args]
-        self.commands[name] = " ".join(argv[1:]).replace(sys.executable, "python")
-        proc = self.procs.spawn(name, argv, None,
-                                {"OTEL_TRACES_EXPORTER": ""} if kind == "extauthz" else None)
+        environment = {"OTEL_TRACES_EXPORTER": "", **(env or {})} if kind == "extauthz" else None
+        shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        self.commands[name] = (shown + " python " + " ".join(argv[1:])).strip()
+        proc = self.procs.spawn(name, argv, None, environment)
         if transport == "http":
             wait_listening(port, proc, 120.0)
         else:
@@ -232,9 +237,9 @@ def _loaded_and_unloaded(run: Run, variant: Variant) -> None:
     try:
         if variant.authz:
             authz, target = run.authorizers.start(f"t-{variant.key}", variant.authz,
-                                                  variant.transport, variant.config)
+                                                  variant.transport, config=variant.config)
             started.append(authz)
-        mesh, client_port = run.mesh(variant, target)
+        mesh, client_port = run.mesh(variant, target, streams=variant.streams)
         started += mesh
         server_envoy = mesh[0]
         url = f"http://127.0.0.1:{client_port}{ALLOWED_PATH}"
@@ -261,22 +266,42 @@ def _loaded_and_unloaded(run: Run, variant: Variant) -> None:
 
 
 def _direct(run: Run) -> None:
-    for key, kind, config in (("http-floor", "http-floor", ()),
-                              ("http-extauthz", "extauthz", DEFAULTS),
-                              ("http-extauthz-bare", "extauthz", BARE)):
-        proc, target = run.authorizers.start(f"d-{key}", kind, "http", config)
-        try:
-            url = f"http://{target}{ALLOWED_PATH}"
-            run.warm(url, DIRECT_HEADERS)
-            before = cpu_seconds(proc.popen.pid)
-            res = run.wrk("wrk-direct", url, run.opts.wrk_connections, DIRECT_HEADERS)
-            used = cpu_seconds(proc.popen.pid) - before
-            cpu = used / max(res["requests"], 1) * 1e6
-            run.table["direct"].append({"variant": key, "rps": res["rps"],
-                                        "non_2xx": res["non_2xx"], "cpu_us": cpu})
-            log(f"direct {key}: {res['rps']:.0f} checks/s, {cpu:.1f} µs CPU per check")
-        finally:
-            run.procs.stop(proc)
+    sink_target = f"127.0.0.1:{free_tcp_port()}"
+    sink = run.procs.spawn("t-otlp-sink", [sys.executable, str(BENCH / "otlp_sink.py"),
+                                           "--listen", sink_target])
+    traced_env = {  # the caller's traceparent is sampled: every check is a span, exported
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://{sink_target}",
+        "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
+    }
+    traced = (("tracing", True), ("decision_log", str(run.procs.work / "t-decisions.jsonl")))
+    try:
+        for key, kind, config, env in (("http-floor", "http-floor", (), None),
+                                       ("http-extauthz", "extauthz", DEFAULTS, None),
+                                       ("http-extauthz-bare", "extauthz", BARE, None),
+                                       ("http-extauthz-traced-100%+log-file", "extauthz",
+                                        traced, traced_env)):
+            _direct_row(run, key, kind, config, env)
+    finally:
+        run.procs.stop(sink)
+
+
+def _direct_row(run: Run, key: str, kind: str, config: Sequence[tuple[str, Any]],
+                env: dict[str, str] | None) -> None:
+    proc, target = run.authorizers.start(f"d-{key}", kind, "http", config=config, env=env)
+    try:
+        url = f"http://{target}{ALLOWED_PATH}"
+        run.warm(url, DIRECT_HEADERS)
+        before = cpu_seconds(proc.popen.pid)
+        res = run.wrk("wrk-direct", url, run.opts.wrk_connections, DIRECT_HEADERS)
+        used = cpu_seconds(proc.popen.pid) - before
+        cpu = used / max(res["requests"], 1) * 1e6
+        run.table["direct"].append({"variant": key, "rps": res["rps"],
+                                    "non_2xx": res["non_2xx"], "cpu_us": cpu})
+        log(f"direct {key}: {res['rps']:.0f} checks/s, {cpu:.1f} µs CPU per check")
+    finally:
+        run.procs.stop(proc)
 
 
 _CHECKS = re.compile(r'^extauthz_checks_total\{[^}]*\} ([0-9.e+]+)$', re.MULTILINE)
@@ -295,8 +320,8 @@ def _workers(run: Run, transport: str, streams: int) -> None:
     started: list[Proc] = []
     try:
         proc, target = run.authorizers.start(
-            f"w-{key}", "extauthz", transport, BARE,
-            ("--workers", "2", "--metrics-listen", f"127.0.0.1:{metrics}"))
+            f"w-{key}", "extauthz", transport, config=BARE,
+            args=("--workers", "2", "--metrics-listen", f"127.0.0.1:{metrics}"))
         started.append(proc)
         deadline = time.monotonic() + 60
         while not all(admin_get(metrics + i, "/metrics") for i in (0, 1)):
