@@ -255,7 +255,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check_workers(s: Settings) -> None:
-    for addr in s.listen:
+    for addr in (*s.listen, *s.http_listen):
         host, port = parse_listen_address(addr)
         if host == "unix":
             raise SettingsError(

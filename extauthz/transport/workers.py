@@ -57,6 +57,10 @@ def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:
         env = {**os.environ, "EXTAUTHZ_WORKER_INDEX": str(index)}
         argv = [sys.executable, "-m", "extauthz", "serve", *serve_argv, *extra]
         children.append(subprocess.Popen(argv, env=env))
+    if stopping:  # a stop arrived while a worker was being started: it missed the signal
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
     log.info("workers started", extra={"event": "workers_started",
                                         "pids": [c.pid for c in children]})
 
