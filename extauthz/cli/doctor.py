@@ -8,8 +8,9 @@ and picks the exit status (documented in docs/doctor.md and tested):
 * 1: findings at or above --fail-on (what was not in the input counts: `config.xds_not_seen`
   is a warning, so a bootstrap that only points at ADS never passes as clean);
 * 2: the input cannot be read (file, YAML/JSON, a field of the wrong shape, an admin URL
-  that is refused or does not answer, a policy that does not load). One line on stderr names
-  what and why; nothing on stdout.
+  that is refused or does not answer, a policy that does not load), or the analysis failed on
+  a shape it did not expect (a bug, reported as such). One line on stderr names what and why;
+  nothing on stdout; never a traceback.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
         findings = d.diagnose_inventory(inv, facts)
     except d.DoctorError as exc:
         return _fail(f"{name}: {exc}")
+    except Exception as exc:  # a config shape the analysis did not expect: a doctor bug
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return _fail(f"{name}: could not analyse ({type(exc).__name__}: {first}); this is a "
+                     "doctor bug, please report it with the config")
     findings = [f for f in findings if f.code not in set(args.ignore)]
     fail_on = d.Severity.parse(args.fail_on)
     sys.stdout.write(_render(d, args, findings, name=name, text=text, fail_on=fail_on,

@@ -152,6 +152,8 @@ class JwtIssuerConfig:
             )
         if self.jwks_url and not self.jwks_url.startswith("https://"):
             raise ValueError(f"jwt issuer {self.issuer!r}: jwks_url must be https://")
+        if not isinstance(self.bind_to_peer, bool):
+            raise ValueError(f"jwt issuer {self.issuer!r}: 'bind_to_peer' must be true or false")
         if self.jwt_svid:
             if not self.trust_domain:
                 raise ValueError(f"jwt issuer {self.issuer!r}: jwt_svid needs 'trust_domain'")

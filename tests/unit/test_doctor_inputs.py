@@ -367,3 +367,32 @@ def test_line_index_follows_camel_case_and_map_keys() -> None:
     assert lines["$.a.foo_bar[0].x"] == 3
     assert lines['$.a.m["envoy.filters.http.ext_authz"].y'] == 6
     assert line_index("a: [") == {}
+
+
+def test_faster_validation_is_scoped_to_the_doctor_and_still_validates() -> None:
+    import betterproto2
+
+    from extauthz.tools.doctor.parsing import _reused_validators, api_class
+
+    before = betterproto2.Message._validate
+    diagnose(load("unsafe"))
+    assert betterproto2.Message._validate is before  # no lasting change to the library
+    timeout = api_class("google.protobuf", "Duration")(seconds=1)
+    timeout.seconds = "one"  # type: ignore[assignment]  # wrong type behind pydantic's back
+    with _reused_validators(), pytest.raises(ValueError, match="seconds"):
+        bytes(timeout)
+
+
+def test_an_analysis_bug_is_one_line_and_exit_2_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from extauthz.tools.doctor import analysis
+
+    def explode(self: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'routes'\nsecond line")
+
+    monkeypatch.setattr(analysis.Doctor, "run", explode)
+    code, out, err = _run([str(CASES / "clean.yaml")], capsys)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and "could not analyse (AttributeError" in err
+    assert "doctor bug" in err and "Traceback" not in err

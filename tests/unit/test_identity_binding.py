@@ -255,6 +255,10 @@ def test_bind_to_peer_is_read_from_configuration() -> None:
     cfg = IdentityConfig.from_mapping({"jwt": {"issuers": [
         {"issuer": "https://idp", "audiences": ["a"], "jwks_file": "/x", "bind_to_peer": True}]}})
     assert cfg.jwt_issuers[0].bind_to_peer is True
+    with pytest.raises(ValueError, match="'bind_to_peer' must be true or false"):
+        IdentityConfig.from_mapping({"jwt": {"issuers": [
+            {"issuer": "https://idp", "audiences": ["a"], "jwks_file": "/x",
+             "bind_to_peer": "yes"}]}})
 
 
 def test_a_jwt_svid_without_a_path_is_not_a_workload() -> None:

@@ -77,6 +77,9 @@ class RouteChecks:
     ) -> None:
         longer: list[tuple[str, timedelta]] = []
         routes = list(vhost.routes)
+        # one probe path per route, computed once: an exempt route "hides" a later route
+        # when it matches that route's first example path
+        probes = [(label_of(r), _probe(r)) for r in routes]
         for ri, route in enumerate(routes):
             rpath = f"{vpath}.routes[{ri}]"
             rlabel = f"route #{ri + 1} '{label_of(route)}'"
@@ -91,7 +94,7 @@ class RouteChecks:
                 if wst.state == "disabled" and wst.where.startswith(wpath):
                     skipped.append((wst.state, wst.where))
             if forwards and skipped:
-                self.skipping(route, routes[ri + 1:], skipped, a=a, vhost=vhost,
+                self.skipping(route, probes[ri + 1:], skipped, a=a, vhost=vhost,
                               label=f"{label} > {rlabel}", norm=norm)
             if st.override is not None:
                 self.check_settings(st.override, st.where, a, f"{label} > {rlabel}")
@@ -111,7 +114,8 @@ class RouteChecks:
                      f"{label}: the check may take {e.seconds(timeout)}, longer than "
                      f"{_few([n for n, _ in longer])}", label)
 
-    def skipping(self, route: Any, later: Sequence[Any], skipped: list[tuple[str, str]], *,
+    def skipping(self, route: Any, later: Sequence[tuple[str, str | None]],
+                 skipped: list[tuple[str, str]], *,
                  a: AuthzFilter, vhost: Any, label: str, norm: Normalization) -> None:
         exp = exposure(route.match, norm)
         if exp.quiet:
@@ -120,8 +124,8 @@ class RouteChecks:
         conditions = _conditions(route.match)
         if conditions:
             detail += f" (when {conditions}, which the caller controls)"
-        hidden = [f"route '{label_of(r)}'" for r in later
-                  if r.route is not None and _hides(exp, r.match)]
+        hidden = [f"route '{name}'" for name, probe in later
+                  if probe is not None and (exp.everything or exp.matches(probe))]
         if hidden:
             detail += f"; it is listed before {_few(hidden)}, which never see those requests"
         shadowed = self._shadowed(exp, vhost)
@@ -184,11 +188,12 @@ def _conditions(match: Any) -> str:
     return " and ".join(parts)
 
 
-def _hides(exp: Exposure, match: Any) -> bool:
-    if exp.everything:
-        return True
-    later = exposure(match, Normalization(True, True, False))
-    return bool(later.examples) and exp.matches(later.examples[0])
+def _probe(route: Any) -> str | None:
+    """A path the route serves (None for routes that do not forward)."""
+    if route.route is None:
+        return None
+    examples = exposure(route.match, Normalization(True, True, False)).examples
+    return examples[0] if examples else None
 
 
 def _clusters(route: Any) -> list[str]:
