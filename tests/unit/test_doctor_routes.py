@@ -337,3 +337,16 @@ def test_several_unnamed_listeners_are_told_apart() -> None:
         del listener["name"]
     labels = sorted(f.message.split(" > ")[0] for f in diagnose(doc, FACTS))
     assert labels == ["unnamed listener #1 on 0.0.0.0:10000", "unnamed listener #2 on 0.0.0.0:10002"]
+
+
+def test_one_virtual_host_exemption_is_one_finding_listing_its_routes() -> None:
+    doc = load("clean")
+    vhost = hcm(doc)["route_config"]["virtual_hosts"][0]
+    vhost["typed_per_filter_config"] = copy.deepcopy(EXEMPT)
+    for i in range(5):
+        vhost["routes"].insert(0, {"match": {"prefix": f"/svc{i}/"},
+                                   "route": {"cluster": "local_service"}})
+    [f] = diagnose(doc, FACTS)
+    assert f.path.endswith(f'.virtual_hosts[0].typed_per_filter_config["{_NAME}"].disabled')
+    assert "one setting skips ext_authz on 6 routes: route #1 'prefix /svc4/'" in f.message
+    assert f.message.endswith("; and 3 more")  # the exact /healthz route is not counted

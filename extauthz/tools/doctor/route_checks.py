@@ -80,6 +80,9 @@ class RouteChecks:
         # one probe path per route, computed once: an exempt route "hides" a later route
         # when it matches that route's first example path
         probes = [(label_of(r), _probe(r)) for r in routes]
+        # (check id, path of the deciding field) -> what each route it covers opens: one
+        # virtual-host-wide `disabled` is one finding, however many routes it covers
+        skips: dict[tuple[str, str], list[str]] = {}
         for ri, route in enumerate(routes):
             rpath = f"{vpath}.routes[{ri}]"
             rlabel = f"route #{ri + 1} '{label_of(route)}'"
@@ -94,8 +97,10 @@ class RouteChecks:
                 if wst.state == "disabled" and wst.where.startswith(wpath):
                     skipped.append((wst.state, wst.where))
             if forwards and skipped:
-                self.skipping(route, probes[ri + 1:], skipped, a=a, vhost=vhost,
-                              label=f"{label} > {rlabel}", norm=norm)
+                found = self.skipping(route, probes[ri + 1:], skipped, a=a, vhost=vhost,
+                                      label=rlabel, norm=norm)
+                if found is not None:
+                    skips.setdefault(found[:2], []).append(found[2])
             if st.override is not None:
                 self.check_settings(st.override, st.where, a, f"{label} > {rlabel}")
             if st.state == "on" and forwards:
@@ -107,6 +112,13 @@ class RouteChecks:
                 route_timeout = e.DEFAULT_ROUTE_TIMEOUT if rt is None else rt
                 if route_timeout > timedelta(0) and check_timeout > route_timeout:
                     longer.append((f"{rlabel} ({e.seconds(route_timeout)})", check_timeout))
+        for (check, where), details in skips.items():
+            if len(details) == 1:
+                self.add(check, where, f"{label} > {details[0]}", label)
+            else:
+                self.add(check, where, f"{label}: one setting skips ext_authz on "
+                         f"{len(details)} routes: " + "; ".join(details[:3])
+                         + (f"; and {len(details) - 3} more" if len(details) > 3 else ""), label)
         if longer:
             timeout = longer[0][1]
             field = "http_service.server_uri.timeout" if a.http else "grpc_service.timeout"
@@ -115,11 +127,13 @@ class RouteChecks:
                      f"{_few([n for n, _ in longer])}", label)
 
     def skipping(self, route: Any, later: Sequence[tuple[str, str | None]],
-                 skipped: list[tuple[str, str]], *,
-                 a: AuthzFilter, vhost: Any, label: str, norm: Normalization) -> None:
+                 skipped: list[tuple[str, str]], *, a: AuthzFilter, vhost: Any, label: str,
+                 norm: Normalization) -> tuple[str, str, str] | None:
+        """(check id, path of the deciding field, what the route opens), or None when the
+        route only opens an exact health path."""
         exp = exposure(route.match, norm)
         if exp.quiet:
-            return
+            return None
         detail = f"{label}: ext_authz is skipped for {exp.describe()}"
         conditions = _conditions(route.match)
         if conditions:
@@ -134,7 +148,7 @@ class RouteChecks:
         state, where = skipped[0]
         check = "ext_authz.disabled_by_default" if state == "default_off" else \
             "route.ext_authz_disabled"
-        self.add(check, f"{a.path}.disabled" if state == "default_off" else where, detail, label)
+        return check, (f"{a.path}.disabled" if state == "default_off" else where), detail
 
     def _shadowed(self, exp: Exposure, vhost: Any) -> list[str]:
         if self.policy is None:
