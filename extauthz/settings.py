@@ -53,7 +53,7 @@ class Settings:
     rate_limit_backend: str = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Per-check deadline, sized from measured latency (docs/rate-limits.md, "Deadline").
-    redis_timeout: float = 0.1
+    redis_timeout: float = 0.15
     # When Redis is down or slow: "closed" (503), "open" (allow), "local" (per-process limits).
     redis_failure_mode: str = "closed"
     # Add ratelimit-limit/-remaining/-reset to allowed requests on their way upstream.

@@ -4,7 +4,7 @@
   `redis-cli --cluster create --cluster-yes`; helpers to migrate one slot by hand (the
   commands `redis-cli --cluster reshard` runs, one slot, so a test controls the moment).
 * `SentinelSetup`: one master, one replica, three Sentinels (`redis-server --sentinel`),
-  quorum 2, `down-after-milliseconds 500`, so a killed master fails over in about two
+  quorum 2, `down-after-milliseconds 1000`, so a killed master fails over in about three
   seconds.
 
 Every process is a `RedisServer`: started on a free port, stopped by its PID.
@@ -28,7 +28,9 @@ CLI_HINT = (
     "(scripts/bootstrap.sh --with-system-packages does)."
 )
 SENTINEL_QUORUM = 2
-DOWN_AFTER_MS = 500
+# 1 s, not less: a master starved of CPU for half a second on a busy 2-core machine must not
+# look dead (a spurious failover is a real split brain, not the test's subject).
+DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
 
 
@@ -169,7 +171,11 @@ class SentinelSetup:
     def __init__(self, name: str = "limits", sentinels: int = 3) -> None:
         self.name = name
         # No 5 s wait for more replicas before a full sync (the default diskless delay).
-        self.master = RedisServer(extra=("--repl-diskless-sync-delay", "0"))
+        # min-replicas-*: what docs/rate-limits.md recommends, so that a master cut off from
+        # its replica refuses writes instead of granting budget that a failover forgets.
+        self.master = RedisServer(extra=("--repl-diskless-sync-delay", "0",
+                                         "--min-replicas-to-write", "1",
+                                         "--min-replicas-max-lag", "3"))
         self.replica = RedisServer(extra=("--replicaof", "127.0.0.1", str(self.master.port)))
         conf = SENTINEL_CONF.format(
             name=name, master=self.master.port, quorum=SENTINEL_QUORUM,

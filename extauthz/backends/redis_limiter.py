@@ -15,11 +15,13 @@ Why it is built this way (docs/rate-limits.md has the measurements):
   restart, SCRIPT FLUSH, a new cluster node) are sent again as EVAL, which re-caches it.
 * **Time comes from Redis** `TIME` inside the script, so replicas with skewed clocks agree.
 * Every written key gets a PX TTL equal to the time until its TAT passes.
-* **Deadline** `timeout` per check, measured from the moment it is queued (default
-  `DEFAULT_TIMEOUT`, sized from measured latency). A check never waits longer, whatever
-  Redis does (give or take the few event-loop turns of `EXPIRY_TURNS`); a pipeline still
-  unanswered a deadline later is cancelled and its connection dropped. A cancelled script
-  may still run on Redis and consume budget (errs towards denying).
+* **Deadline** per check, measured from the moment it is queued: twice the recent p99 of
+  successful checks' waits, between the configured `timeout` (default `DEFAULT_TIMEOUT`),
+  which is also the deadline until the first measurement, and `max_timeout` (`_adapt`).
+  A check never waits longer, whatever Redis does (give or take the few event-loop turns
+  of `EXPIRY_TURNS`); a pipeline still unanswered two ceilings later is cancelled and its
+  connection dropped. A cancelled script may still run on Redis and consume budget (errs
+  towards denying).
 * **Failure modes** when Redis errs, times out, or the breaker is open: `closed` denies with
   `backend_error` (503), `open` allows with `backend_error`, `local` asks a per-process
   `LocalLimiter` (`degraded`).
@@ -74,11 +76,16 @@ from extauthz.decide.ratelimit import (
 log = logging.getLogger("extauthz.ratelimit")
 
 DEFAULT_PREFIX = "extauthz:rl:"
-# Per-check deadline. Measured (docs/rate-limits.md, "Deadline"): bursts of 200 checks over
-# three serving processes on a busy 2-core machine wait up to ~40 ms for their answer while
-# Redis answers each pipeline in well under 1 ms: the time is the process's own event loop.
-# 100 ms is more than twice that and leaves Envoy's 250 ms ext_authz timeout room.
-DEFAULT_TIMEOUT = 0.100
+# Per-check deadline floor. Measured (docs/rate-limits.md, "Deadline"): bursts of 200
+# checks over three serving processes on a busy 2-core machine wait 56-88 ms (p99) for
+# their answer while Redis answers each pipeline in a few ms: the time is the process's own
+# event loop. 150 ms is about twice the worst p99 and keeps a failure-mode answer, with
+# scheduling noise, inside Envoy's 250 ms ext_authz timeout.
+DEFAULT_TIMEOUT = 0.150
+# The deadline grows with what checks measurably wait (twice the recent p99) up to this
+# ceiling, which keeps a failure-mode answer inside Envoy's 250 ms ext_authz timeout.
+DEFAULT_MAX_TIMEOUT = 0.200
+ADAPT_EVERY = 16  # successful checks between two re-computations of the deadline
 DEFAULT_MAX_INFLIGHT = 4
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_PENDING = 4096
@@ -144,7 +151,7 @@ class DeadlineExceeded(Exception):
 class LatencyHistogram:
     """Cumulative histogram (for Prometheus) plus a ring of recent samples (for p50/p99)."""
 
-    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS, recent: int = 2048) -> None:
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS, recent: int = 256) -> None:
         self.buckets = tuple(sorted(buckets))
         self.counts = [0] * (len(self.buckets) + 1)
         self.sum = 0.0
@@ -222,6 +229,7 @@ class RedisLimiter:
         *,
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_TIMEOUT,
+        max_timeout: float = DEFAULT_MAX_TIMEOUT,
         failure_mode: FailureMode | str = FailureMode.CLOSED,
         fallback: LocalLimiter | None = None,
         breaker_cooldown: float = 0.5,
@@ -242,7 +250,13 @@ class RedisLimiter:
             raise ValueError("max_inflight, max_batch and max_pending must be >= 1")
         self._client = client
         self.prefix = prefix
-        self.timeout = timeout
+        self.timeout = timeout  # the configured deadline: the floor
+        self.max_timeout = max(timeout, max_timeout)
+        # In force: sized from measured latency (see _adapt); the floor until measured, so
+        # that a Redis down at start-up costs the least. (The first burst's cold
+        # connections are opened by start().)
+        self.deadline = timeout
+        self._since_adapt = 0
         self.failure_mode = FailureMode(failure_mode)
         if self.failure_mode is FailureMode.LOCAL and fallback is None:
             fallback = LocalLimiter(clock)
@@ -355,7 +369,7 @@ class RedisLimiter:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        timer = loop.call_later(self.timeout, _expire, future)
+        timer = loop.call_later(self.deadline, _expire, future)
         try:
             reply = await future
         except DeadlineExceeded:
@@ -368,10 +382,23 @@ class RedisLimiter:
         finally:
             timer.cancel()
         self.check_latency.observe(time.perf_counter() - queued_at)
+        self._since_adapt += 1
+        if self._since_adapt >= ADAPT_EVERY:
+            self._adapt()
         self.breaker.record(True)
         result = self._result(items, cost, reply)
         self.overlimit.put(items, cost, result)
         return result
+
+    def _adapt(self) -> None:
+        """Size the deadline from what successful checks waited recently: twice their p99,
+        never below the configured deadline nor above the ceiling. A busy process (a burst,
+        a CPU limit, a noisy neighbour) makes every wait longer, Redis or not; a deadline
+        fixed below that turns a healthy Redis into failure-mode answers. A Redis that
+        stops answering produces no successful samples, so it cannot stretch the deadline."""
+        self._since_adapt = 0
+        p99 = self.check_latency.quantile(0.99)
+        self.deadline = min(self.max_timeout, max(self.timeout, 2 * p99))
 
     def _flush(self) -> None:
         """Send what is queued: one pipeline per `max_batch` checks, while a slot is free."""
@@ -398,7 +425,7 @@ class RedisLimiter:
             # The checks give up at their own deadline; the pipeline is cancelled (and its
             # connection dropped) a deadline later, so a reply that is merely late is still
             # read, and a silent Redis holds a connection for a bounded time.
-            async with asyncio.timeout(2 * self.timeout):
+            async with asyncio.timeout(2 * self.max_timeout):
                 replies = await self._execute(batch)
         except asyncio.CancelledError:
             _fail(batch, DeadlineExceeded())
@@ -477,10 +504,14 @@ class RedisLimiter:
         return unavailable_result(allowed=self.failure_mode is FailureMode.OPEN)
 
     async def start(self) -> None:
-        """Load the script (on every master of a cluster) and open a connection, so the
-        first checks do not pay for either. Raises when Redis is unreachable; checks are
-        covered by the failure mode either way."""
-        await self._client.script_load(GCRA_SCRIPT)
+        """Load the script (on every master of a cluster) and open the connections the
+        pipelines will use (`max_inflight` concurrent loads), so the first burst pays for
+        neither: connection set-up under a burst on a busy machine is what used to miss
+        deadlines. Raises when Redis is unreachable; checks are covered by the failure mode
+        either way."""
+        await asyncio.gather(
+            *(self._client.script_load(GCRA_SCRIPT) for _ in range(self.max_inflight))
+        )
 
     async def load_script(self) -> None:
         """Kept for callers of the first interface: the same as `start()`."""

@@ -105,7 +105,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--redis-timeout",
         type=float,
         metavar="SECONDS",
-        help="per-check Redis deadline (default 0.1)",
+        help="per-check Redis deadline floor (default 0.15)",
     )
     p.add_argument(
         "--redis-failure-mode",

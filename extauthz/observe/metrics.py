@@ -350,14 +350,17 @@ def _redis_limiter_metrics(rl: Any) -> Iterator[Metric]:
     )
     recent = GaugeMetricFamily(
         "extauthz_ratelimit_check_recent_seconds",
-        "Quantiles of the last 2048 checks' wait for Redis (compare with the deadline)",
+        "Quantiles of the last 256 checks' wait for Redis (compare with the deadline)",
         labels=["quantile"],
     )
     for q in (0.5, 0.99):
         recent.add_metric([str(q)], rl.check_latency.quantile(q))
     yield recent
     yield _gauge(
-        "extauthz_ratelimit_deadline_seconds", "Per-check Redis deadline", rl.timeout
+        "extauthz_ratelimit_deadline_seconds",
+        "Per-check Redis deadline in force (configured, stretched to 2x the recent p99 "
+        "of successful waits up to the ceiling)",
+        rl.deadline,
     )
     yield _counter(
         "extauthz_ratelimit_redis_round_trips",

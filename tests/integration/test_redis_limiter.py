@@ -69,7 +69,7 @@ def test_nothing_listening_answers_per_failure_mode_quickly(mode: FailureMode) -
             results = []
             for _ in range(3):
                 r, took = await timed(lambda: rl.hit("k", limit))
-                assert took < rl.timeout + SLACK
+                assert took < rl.deadline + SLACK
                 results.append(r)
         finally:
             await rl.aclose()
@@ -283,7 +283,7 @@ async def outage(
     ]
     expect_mode(mode, [r for r, _ in out], burst=5)
     slowest = max(took for _, took in out)
-    assert slowest < rl.timeout + SLACK, f"{mode}: slowest call {slowest * 1000:.1f} ms"
+    assert slowest < rl.deadline + SLACK, f"{mode}: slowest call {slowest * 1000:.1f} ms"
     assert p99([took for _, took in out]) < ENVOY_TIMEOUT
     return out
 
@@ -383,7 +383,7 @@ def test_listener_that_never_answers_is_bounded_then_recovers_when_redis_takes_o
                 )
                 assert all(r.backend_error or r.degraded for r, _ in out)
                 latencies += [took for _, took in out]
-            assert max(latencies) < rl.timeout + SLACK and p99(latencies) < ENVOY_TIMEOUT
+            assert max(latencies) < rl.deadline + SLACK and p99(latencies) < ENVOY_TIMEOUT
             assert rl.breaker.opened >= 1 and not rl.healthy
             assert rl.pending == 0 and len(rl._batches) <= rl.max_inflight
             listener.close()
@@ -427,7 +427,7 @@ def test_flood_against_hung_redis_is_capped_and_answered_at_once(
                 redis_proc.resume()
             assert all(r.backend_error and not r.allowed for r, _ in out)
             assert rl.queue_overflows >= 3000 - 100 - rl.max_inflight * rl.max_batch
-            assert max(took for _, took in out) < rl.timeout + SLACK * 4
+            assert max(took for _, took in out) < rl.deadline + SLACK * 4
             assert peak <= rl.max_pending
             r = await wait_until_recovered(rl, "after", Limit(1, HOUR, 5))
             assert r.allowed and rl.pending == 0
@@ -463,7 +463,7 @@ def test_over_limit_key_is_answered_locally_until_retry_after(redis_url: str) ->
 def test_bursts_over_three_limiters_with_default_deadline_never_fail(redis_url: str) -> None:
     async def main() -> None:
         replicas = [RedisLimiter.from_url(redis_url) for _ in range(3)]
-        assert replicas[0].timeout == 0.1  # the default, not an inflated one
+        assert replicas[0].timeout == 0.15  # the default, not an inflated one
         try:
             for n, size in enumerate((60, 120, 200, 200, 200)):
                 limit = Limit(1, HOUR, size // 3)
@@ -491,7 +491,7 @@ def test_limiter_metrics_show_latency_breaker_queue_and_cache(redis_url: str) ->
     async def main() -> RedisLimiter:
         rl = RedisLimiter.from_url(redis_url)
         try:
-            await asyncio.gather(*(rl.hit("m", Limit(1, HOUR, 10)) for _ in range(30)))
+            await asyncio.gather(*(rl.hit("m", Limit(1, HOUR, 10)) for _ in range(40)))
             await rl.hit("m", Limit(1, HOUR, 10))
         finally:
             await rl.aclose()
@@ -509,13 +509,13 @@ def test_limiter_metrics_show_latency_breaker_queue_and_cache(redis_url: str) ->
     samples = dict(
         line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
     )
-    assert float(samples["extauthz_ratelimit_redis_checks_total"]) == 30
+    assert float(samples["extauthz_ratelimit_redis_checks_total"]) == 40
     assert 1 <= float(samples["extauthz_ratelimit_redis_round_trips_total"]) <= 5
     assert float(samples["extauthz_ratelimit_redis_seconds_count"]) >= 1
     assert float(samples['extauthz_ratelimit_check_recent_seconds{quantile="0.99"}']) > 0
     assert float(samples["extauthz_ratelimit_breaker_state"]) == 0
     assert float(samples["extauthz_ratelimit_overlimit_cache_hits_total"]) == 1
-    assert float(samples["extauthz_ratelimit_deadline_seconds"]) == 0.1
+    assert float(samples["extauthz_ratelimit_deadline_seconds"]) == 0.15  # fast: the floor
 
 
 # --- the Docker path ---------------------------------------------------------------------

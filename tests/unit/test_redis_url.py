@@ -66,4 +66,4 @@ def test_settings_refuse_a_bad_url_only_when_redis_is_the_backend() -> None:
     with pytest.raises(SettingsError, match="redis_url"):
         load_settings({"rate_limit_backend": "redis", "redis_url": "redis+sentinel://h:1"}, {})
     s = load_settings({"rate_limit_backend": "redis", "redis_url": "redis+cluster://h:7000"}, {})
-    assert s.redis_url == "redis+cluster://h:7000" and s.redis_timeout == 0.1
+    assert s.redis_url == "redis+cluster://h:7000" and s.redis_timeout == 0.15
