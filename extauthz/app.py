@@ -17,6 +17,7 @@ A transport only converts bytes to a `Request` and a `CheckResult` back to bytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -34,6 +35,7 @@ from extauthz.identity.resolver import IdentityConfig, IdentityResolver
 from extauthz.model import Decision, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError
 from extauthz.sources.jwks import KeySets
+from extauthz.sources.notify import open_notifier
 from extauthz.sources.policy_store import PolicyStore
 from extauthz.sources.revocation import RevocationError, fingerprint, load_revocations
 
@@ -325,29 +327,66 @@ async def serve(
     return 0
 
 
+# After a notification, wait this long for the rest of a burst (a ConfigMap swap, an editor's
+# write-then-rename) before reading: one reload per change, still far under half a second.
+NOTIFY_SETTLE_SECONDS = 0.03
+
+
 async def watch(app: App, reload_now: asyncio.Event) -> None:
-    """Reload on SIGHUP, or when the directory's content changes (polled: works for
-    ConfigMap symlink swaps, which inotify-style watchers often miss)."""
+    """Reload on SIGHUP, on a filesystem notification for the policy folder or the
+    revocation list's folder (effective in well under a second; see sources/notify.py),
+    and by polling every `watch_interval` seconds: the safety net where notifications are
+    unavailable or lost (network filesystems, a full inotify watch table)."""
     interval = app.settings.watch_interval
     revocation_file = app.settings.revocation_file
     seen_revoked = fingerprint(revocation_file) if revocation_file else ""
-    while True:
-        try:
-            if interval > 0:
-                await asyncio.wait_for(reload_now.wait(), timeout=interval)
-            else:
-                await reload_now.wait()
-        except TimeoutError:
-            pass
-        forced = reload_now.is_set()
-        reload_now.clear()
-        # Compared with what the last reload actually read (not what was seen before it): a
-        # reload that read a half-swapped ConfigMap and failed is retried on the next poll.
-        current = await asyncio.to_thread(app.store.fingerprint)
-        if forced or current != app.store.attempted:
-            await asyncio.to_thread(app.store.reload)
-        if revocation_file is not None:
-            revoked_now = await asyncio.to_thread(fingerprint, revocation_file)
-            if forced or revoked_now != seen_revoked:
-                seen_revoked = revoked_now
-                await asyncio.to_thread(apply_revocations, app)
+    policy_dir = app.settings.policy
+    notifier = None
+    if interval > 0:
+        notifier = open_notifier(
+            [policy_dir] if policy_dir is not None else [],
+            [revocation_file.parent] if revocation_file is not None else [],
+        )
+    changed = asyncio.Event()  # a notification: reload if the content differs
+    loop = asyncio.get_running_loop()
+    if notifier is not None:
+
+        def notified() -> None:
+            with contextlib.suppress(OSError):
+                if notifier.drain():
+                    changed.set()
+
+        loop.add_reader(notifier.fileno(), notified)
+        log.info("watching for changes", extra={"event": "watching",
+                                                 "folders": list(notifier.folders),
+                                                 "poll_interval": interval})
+    try:
+        while True:
+            waits = {asyncio.ensure_future(reload_now.wait()),
+                     asyncio.ensure_future(changed.wait())}
+            try:
+                await asyncio.wait(waits, timeout=interval if interval > 0 else None,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if changed.is_set():
+                await asyncio.sleep(NOTIFY_SETTLE_SECONDS)  # let the burst finish
+                changed.clear()
+            forced = reload_now.is_set()  # SIGHUP: reload even if nothing seems changed
+            reload_now.clear()
+            # Compared with what the last reload actually read (not what was seen before it):
+            # a reload that read a half-swapped ConfigMap and failed is retried on the next
+            # notification or poll.
+            current = await asyncio.to_thread(app.store.fingerprint)
+            if forced or current != app.store.attempted:
+                await asyncio.to_thread(app.store.reload)
+            if revocation_file is not None:
+                revoked_now = await asyncio.to_thread(fingerprint, revocation_file)
+                if forced or revoked_now != seen_revoked:
+                    seen_revoked = revoked_now
+                    await asyncio.to_thread(apply_revocations, app)
+    finally:
+        if notifier is not None:
+            loop.remove_reader(notifier.fileno())
+            notifier.close()

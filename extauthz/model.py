@@ -29,6 +29,9 @@ class Reason(StrEnum):
     UNTRUSTED_TRUST_DOMAIN = "untrusted_trust_domain"
     REVOKED = "revoked"
     NO_MATCHING_RULE = "no_matching_rule"
+    # A rule of the route names the caller, but its `headers:` or `when:` condition failed
+    # for this request; the decision names the rule and the condition.
+    CONDITION_NOT_MET = "condition_not_met"
     PRINCIPAL_NOT_ALLOWED = "principal_not_allowed"
     DENIED_BY_RULE = "denied_by_rule"
     MALFORMED_REQUEST = "malformed_request"

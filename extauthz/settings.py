@@ -149,8 +149,17 @@ def load_settings(
             data = yaml.safe_load(config_file.read_text())
         except OSError as exc:
             raise SettingsError(f"config file {config_file}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"config file {config_file}: invalid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise SettingsError(
+                f"config file {config_file}: not UTF-8 text (byte {exc.start}); expected YAML"
+            ) from None
+        except yaml.YAMLError as exc:  # one line: where and what, not PyYAML's excerpt
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise SettingsError(
+                f"config file {config_file}:{where}: invalid YAML: {problem}"
+            ) from None
         if data is None:
             data = {}
         if not isinstance(data, Mapping):

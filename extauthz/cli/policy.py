@@ -17,10 +17,13 @@ from extauthz.sources.policy_store import PolicyLoadError, load_policy
 from extauthz.tools.explain import (
     CallerError,
     Probe,
-    decide,
+    check_calls,
+    decide_series,
     describe_decision,
     explain,
     format_explanation,
+    parse_duration,
+    summarize_series,
 )
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -51,6 +54,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the caller presents a JWT with these claims (needs 'iss')")
     c.add_argument("--time", metavar="ISO8601", help="evaluate at this time (default: now)")
     c.add_argument("--explain", action="store_true", help="trace every rule of the host")
+    c.add_argument("--calls", type=int, default=1, metavar="N",
+                   help="send N identical requests to exercise rate limits (default 1); "
+                   "the decision shown is the last one's")
+    c.add_argument("--over", default="0s", metavar="DURATION",
+                   help="spread the calls evenly over this long, e.g. 1s (default: all at once)")
     c.add_argument("--format", choices=("text", "json"), default="text")
     c.set_defaults(run=_check)
 
@@ -89,7 +97,8 @@ def _check(args: argparse.Namespace) -> int:
         return USAGE
     try:
         probe = _probe(args, policy)
-        decision, identity = decide(policy, probe)
+        answers, identity = decide_series(policy, probe)
+        decision = answers[-1]
         exp = explain(policy, probe) if args.explain else None
     except (CallerError, ValueError) as exc:
         print(f"extauthz check: {exc}", file=sys.stderr)
@@ -101,15 +110,18 @@ def _check(args: argparse.Namespace) -> int:
             "dry_run": decision.dry_run, "policy_version": decision.policy_version,
             "principal": identity.principal,
         }
+        if probe.calls > 1:
+            out["calls"] = [{"status": d.outcome.http_status, "reason": d.reason.value}
+                            for d in answers]
         if exp is not None:
             out["trace"] = [{"rule": t.rule.name, "route_matched": t.route,
                              "verdict": t.verdict, "notes": list(t.notes)} for t in exp.rules]
             out["notes"] = list(exp.preface)
         print(json.dumps(out, indent=2))
-    elif exp is not None:
-        print(format_explanation(exp, policy))
     else:
-        print(describe_decision(decision))
+        if probe.calls > 1:
+            print(f"{probe.calls} calls over {args.over}: {summarize_series(answers)}")
+        print(format_explanation(exp, policy) if exp is not None else describe_decision(decision))
     return OK if decision.allowed else FAILED
 
 
@@ -139,7 +151,10 @@ def _probe(args: argparse.Namespace, policy: CompiledPolicy) -> Probe:
 
         moment = datetime.fromisoformat(args.time.replace("Z", "+00:00"))
         now = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-    return Probe(args.principal, args.method.upper(), args.path, host, headers, claims, now)
+    over = parse_duration(args.over)
+    check_calls(args.calls, over)
+    return Probe(args.principal, args.method.upper(), args.path, host, headers, claims, now,
+                 calls=args.calls, over=over)
 
 
 def _test(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,14 @@ from typing import Any
 from extauthz.policy.compiled import CompiledPolicy
 from extauthz.policy.document import LineMap, PolicyError, load_yaml
 from extauthz.sources.policy_store import PolicyLoadError, load_policy, read_files
-from extauthz.tools.inventory import InventoryBuilder, format_inventory, table
+from extauthz.tools.inventory import (
+    DEFAULT_WIDTH,
+    FORMATS,
+    InventoryBuilder,
+    format_inventory,
+    table,
+    to_csv,
+)
 from extauthz.tools.logread import LogReadError, ReadStats, iter_records
 from extauthz.tools.review import (
     SEVERITIES,
@@ -62,7 +70,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i.add_argument("--policy", metavar="DIR", type=Path, required=True)
     i.add_argument("--logs", metavar="FILE", nargs="+", action="extend", default=[],
                    help="decision-log files (plain or gzip; '-' = stdin)")
-    i.add_argument("--format", choices=("table", "json", "markdown"), default="table")
+    i.add_argument("--format", choices=FORMATS, default="auto",
+                   help="auto (a table if it fits the terminal, else one block per "
+                   "principal), table (long cells wrapped), cards, markdown, csv, json")
+    i.add_argument("--width", type=int, metavar="COLUMNS",
+                   help="line width for table/auto (default: the terminal's, else "
+                   f"{DEFAULT_WIDTH})")
     i.set_defaults(run=_inventory)
 
     r = sub.add_parser(
@@ -79,7 +92,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="decision-log files (plain or gzip; '-' = stdin)")
     r.add_argument("--since", metavar="DURATION", help="only decisions this recent (e.g. 30d)")
     r.add_argument("--now", metavar="ISO8601", help="end of the window (default: now)")
-    r.add_argument("--format", choices=("table", "json", "markdown"), default="table")
+    r.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table",
+                   help="table (findings wrapped to the width), markdown, csv, json")
+    r.add_argument("--width", type=int, metavar="COLUMNS",
+                   help="line width for the table (default: the terminal's, else "
+                   f"{DEFAULT_WIDTH})")
     r.add_argument("--fail-on", choices=(*SEVERITIES, "none"), default="none",
                    help="exit 1 when a finding of this severity or higher exists")
     r.add_argument("--patch-out", metavar="FILE", type=Path,
@@ -194,8 +211,10 @@ def _inventory(args: argparse.Namespace) -> int:
         out = inv.as_dict()
         out["read"] = stats.as_dict() if args.logs else None
         print(json.dumps(out, indent=2, sort_keys=True))
+    elif args.format == "csv":
+        print(format_inventory(inv, "csv"))
     else:
-        print(format_inventory(inv, args.format))
+        print(format_inventory(inv, args.format, _width(args)))
         if args.logs:
             print(_read_line(stats))
     return OK
@@ -240,8 +259,11 @@ def _review(args: argparse.Namespace) -> int:
                           "findings": [f.as_dict() for f in report.findings],
                           "patch": {"file": str(args.patch_out) if args.patch_out else None,
                                     "rules": patch_rules}}, indent=2, sort_keys=True))
+    elif args.format == "csv":
+        print(to_csv(["severity", "kind", "subject", "message"],
+                     [[f.severity, f.kind, f.subject, f.message] for f in report.findings]))
     else:
-        print(format_report(report, stats, args.format, patch_note))
+        print(format_report(report, stats, args.format, patch_note, _width(args)))
     if args.fail_on != "none" and report.at_least(args.fail_on):
         return FAILED
     return OK
@@ -256,8 +278,16 @@ def _read_line(stats: ReadStats) -> str:
             f"{stats.oversized} oversized")
 
 
+def _width(args: argparse.Namespace) -> int:
+    if args.width is not None:
+        return max(40, int(args.width))
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+    return DEFAULT_WIDTH
+
+
 def format_report(report: Report, stats: ReadStats, fmt: str = "table",
-                  patch_note: str = "") -> str:
+                  patch_note: str = "", width: int = DEFAULT_WIDTH) -> str:
     s = report.summary
     w = s["window"]
     md = fmt == "markdown"
@@ -279,7 +309,8 @@ def format_report(report: Report, stats: ReadStats, fmt: str = "table",
     lines = [f"## {head[0]}", "", *(f"- {h}" for h in head[1:]), ""] if md else [*head, ""]
     rows = [[f.severity, f.kind, f.subject, f.message] for f in report.findings]
     if rows:
-        lines += table(["SEVERITY", "KIND", "SUBJECT", "FINDING"], rows, markdown=md)
+        lines += table(["SEVERITY", "KIND", "SUBJECT", "FINDING"], rows, markdown=md,
+                       width=width)
     if patch_note:
         lines += ["", f"Suggested patch: {patch_note}"]
     return "\n".join(lines)

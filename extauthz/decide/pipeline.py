@@ -179,18 +179,24 @@ class Authorizer:
     async def _limit(self, entry: CachedDecision, hit: bool, identity: Identity,
                      route: Route) -> CheckResult:
         assert self._limiter is not None
-        decision = entry.decision
         result = await self._limiter.hit_many(entry.limits)
-        if not result.allowed:
-            # A backend failure under fail-closed is an outage (503), never the caller's 429.
-            outcome, reason, detail = (
-                (Outcome.UNAVAILABLE, Reason.RATELIMIT_UNAVAILABLE, "rate-limit backend down")
-                if result.backend_error
-                else (Outcome.RATE_LIMITED, Reason.RATE_LIMITED, "rate limit exceeded")
-            )
-            decision = replace(decision, outcome=outcome, reason=reason, detail=detail,
-                               headers=rate_limit_headers(result))
-        return CheckResult(decision, hit, result, identity, route.host, route.path)
+        return CheckResult(limited(entry.decision, result), hit, result, identity, route.host,
+                           route.path)
+
+
+def limited(decision: Decision, result: LimitResult) -> Decision:
+    """The decision once the limiter answered: unchanged when it allows; a 429 when the caller
+    is over its limit; a 503 when the backend failed closed (an outage, never the caller's
+    429). Shared by the server and the offline tools' synchronous series."""
+    if result.allowed:
+        return decision
+    outcome, reason, detail = (
+        (Outcome.UNAVAILABLE, Reason.RATELIMIT_UNAVAILABLE, "rate-limit backend down")
+        if result.backend_error
+        else (Outcome.RATE_LIMITED, Reason.RATE_LIMITED, "rate limit exceeded")
+    )
+    return replace(decision, outcome=outcome, reason=reason, detail=detail,
+                   headers=rate_limit_headers(result))
 
 
 def _refused(refusal: Refusal, identity: Identity, version: str) -> Decision:

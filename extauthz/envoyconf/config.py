@@ -726,6 +726,8 @@ def access_log_fields(namespace: str = EXT_AUTHZ_NAMESPACE, *, http: bool = True
             "principal": meta.format("principal"),
             "rule": meta.format("rule"),
             "policy_version": meta.format("policy_version"),
+            # A closed connection has no x-extauthz-reason: the reason is in the metadata.
+            "authz_reason": meta.format("reason"),
             "upstream_host": "%UPSTREAM_HOST%",
         }
     return fields

@@ -241,11 +241,15 @@ class XfccSource:
         if value is None:
             return None
         peer = self._mtls.resolve(request, now)
+        # Noted only when proxies are trusted at all: behind a plain sidecar (which sets XFCC
+        # on every request) the note would be on every line and mean nothing (issue 19).
         if not isinstance(peer, Identity):
-            notes.append(f"{cfg.xfcc_header} ignored: the peer has no verified mTLS identity")
+            if cfg.trusted_proxies:
+                notes.append(f"{cfg.xfcc_header} ignored: the peer has no verified mTLS identity")
             return None
         if peer.principal not in cfg.trusted_proxies:
-            notes.append(f"{cfg.xfcc_header} ignored: the peer is not a trusted proxy")
+            if cfg.trusted_proxies:
+                notes.append(f"{cfg.xfcc_header} ignored: the peer is not a trusted proxy")
             return None
         if peer.principal in cfg.revoked_principals:
             return _fail(Reason.REVOKED, "the forwarding proxy is revoked", IdentitySource.XFCC)

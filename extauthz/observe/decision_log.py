@@ -1,9 +1,10 @@
 """The decision log: one JSON line per decision, versioned schema, never a credential.
 
-Schema: `docs/decision-log.schema.json`, version 1.1. `schema_version` in every line is the
+Schema: `docs/decision-log.schema.json`, version 1.2. `schema_version` in every line is the
 *major* version (1): it changes only when a field is removed, renamed or retyped. A minor
 version only appends fields (1.1: `route`, `presented_principal`, `allow_rule`, `subject`,
-`peer`, `notes`; `identity_source` also names the failed credential's source on a 401);
+`peer`, `notes`; `identity_source` also names the failed credential's source on a 401;
+1.2: `condition`, with the reason `condition_not_met`);
 readers of major 1 ignore fields they do not know, and a 1.0 line still validates against the
 1.1 schema.
 
@@ -44,7 +45,7 @@ from extauthz.model import Decision, Identity, IdentitySource, Reason, Request
 log = logging.getLogger("extauthz.decision_log")
 
 SCHEMA_VERSION = 1  # major: written in every line
-SCHEMA_MINOR = 1  # fields added compatibly since 1.0 (documented in the schema, not per line)
+SCHEMA_MINOR = 2  # fields added compatibly since 1.0 (documented in the schema, not per line)
 # The context_extensions key under which Envoy's route names itself (envoy_config.py sets it).
 ROUTE_KEY = "route"
 # 401 reasons for which the identity that was presented is logged (it was verified, then
@@ -142,6 +143,14 @@ def notes_of(result: CheckResult) -> list[str] | None:
     return [clean(str(n), 256) for n in notes[:4]]
 
 
+def condition_of(decision: Decision) -> str | None:
+    """For `condition_not_met`: which condition of the named rule failed (the pipeline's
+    detail, which names headers and expressions but never a header's value)."""
+    if decision.reason is not Reason.CONDITION_NOT_MET or not decision.detail:
+        return None
+    return clean(decision.detail, 512)
+
+
 def source_of(decision: Decision) -> str | None:
     """mtls / xfcc / jwt: of the verified identity, or of the credential that failed (401)."""
     if decision.identity is not None:
@@ -204,6 +213,8 @@ def record(
         "subject": clean(identity.subject, 512) if identity and identity.subject else None,
         "peer": peer_of(request, decision),
         "notes": notes_of(result),
+        # 1.2
+        "condition": condition_of(decision),
     }
 
 
@@ -259,6 +270,7 @@ def fast_line(item: _Item) -> str:
         ',"subject":', _str(clean(i.subject, 512) if i and i.subject else None),
         ',"peer":', _str(peer_of(request, d)),
         ',"notes":', "null" if (notes := notes_of(result)) is None else _ENCODER.encode(notes),
+        ',"condition":', _str(condition_of(d)),
         "}\n",
     ))
 

@@ -31,6 +31,7 @@ from extauthz.model import EMPTY, IdentitySource, Outcome, Request
 from extauthz.observe.decision_log import (
     allow_rule_of,
     clean,
+    condition_of,
     presented_of,
     route_of,
     safe_host,
@@ -164,6 +165,9 @@ def span_attributes(request: Request | None, result: CheckResult) -> dict[str, A
         attrs["extauthz.policy_version"] = clean(decision.policy_version, 64)
     if decision.rule:
         attrs["extauthz.rule"] = clean(decision.rule)
+    condition = condition_of(decision)  # condition_not_met: which condition failed
+    if condition:
+        attrs["extauthz.condition"] = condition
     if decision.dry_run:
         attrs["extauthz.dry_run"] = True
         allow_rule = allow_rule_of(decision)

@@ -15,7 +15,9 @@ supported method, canonical host and path, no method override), in order (docs/p
 3. Any applying rule whose `allow` names the caller: ALLOW (a dry-run deny that also applied
    marks the decision `dry_run`, reason DRY_RUN, so it is logged as "would deny").
 4. Applying dry-run rules only: ALLOW, reason DRY_RUN ("would deny").
-5. Applying rules, none allows: 403 PRINCIPAL_NOT_ALLOWED. None applies: 403 NO_MATCHING_RULE.
+5. An enforced candidate naming the caller whose headers/when failed: 403 CONDITION_NOT_MET
+   (the rule, and which condition). Else applying rules, none allows: 403
+   PRINCIPAL_NOT_ALLOWED. None applies: 403 NO_MATCHING_RULE.
 6. An allowed path with `;params` whose params-stripped form is not allowed: 403
    AMBIGUOUS_PATH (servers that strip params would serve the stripped route).
 """
@@ -224,25 +226,36 @@ class CompiledPolicy:
         route = self.candidates(host, method, path)
         applied: list[tuple[CompiledRule, bool, bool]] = []
         inputs: RequestInputs | None = None
+        # The first enforced rule that names the caller but whose headers/when failed: why a
+        # caller that a rule would allow is denied (condition_not_met, not no_matching_rule).
+        unmet: tuple[CompiledRule, FilterResult] | None = None
         for rule in route:
             if not rule.filtered:
                 applied.append((rule, True, True))
                 continue
             if inputs is None:
                 inputs = RequestInputs(identity, host, method, path, headers, now)
-            allows, denies = rule.applies(rule.filters(inputs))
+            result = rule.filters(inputs)
+            allows, denies = rule.applies(result)
             if allows or denies:
                 applied.append((rule, allows, denies))
+            if (not allows and unmet is None and not rule.dry_run and rule.allow
+                    and rule.allow.contains(identity)):
+                unmet = (rule, result)
         considered = tuple(r for r, _, _ in applied)
+        if not applied and unmet is not None:
+            return Match(_unmet(unmet, headers, identity, self.version), considered)
         if not applied:
             detail = ("rules for this route do not match its headers or conditions" if route
                       else "no rule matches this route")
             return Match(Decision(Outcome.FORBIDDEN, Reason.NO_MATCHING_RULE, detail,
                                   identity=identity, policy_version=self.version), considered)
-        return Match(self._verdict(identity, applied, considered), considered)
+        return Match(self._verdict(identity, applied, considered, unmet, headers), considered)
 
     def _verdict(self, identity: Identity, applied: list[tuple[CompiledRule, bool, bool]],
-                 considered: tuple[CompiledRule, ...]) -> Decision:
+                 considered: tuple[CompiledRule, ...],
+                 unmet: tuple[CompiledRule, FilterResult] | None,
+                 headers: Mapping[str, str]) -> Decision:
         """Steps 2-5 over the rules that apply: deny, allow, dry-run, not allowed."""
         version = self.version
         would_deny: CompiledRule | None = None
@@ -262,9 +275,40 @@ class CompiledPolicy:
         enforced = [r for r in considered if not r.dry_run]
         if not enforced:
             return _dry_run(considered[0], identity, version)
+        if unmet is not None:  # a rule would allow the caller, but for its condition
+            return _unmet(unmet, headers, identity, version)
         return Decision(Outcome.FORBIDDEN, Reason.PRINCIPAL_NOT_ALLOWED,
                         "no rule for this route allows the caller", rule=enforced[0].name,
                         identity=identity, policy_version=version)
+
+
+def _unmet(unmet: tuple[CompiledRule, FilterResult], headers: Mapping[str, str],
+           identity: Identity, version: str) -> Decision:
+    rule, result = unmet
+    return Decision(Outcome.FORBIDDEN, Reason.CONDITION_NOT_MET,
+                    unmet_condition(rule, result, headers), rule=rule.name, identity=identity,
+                    policy_version=version)
+
+
+def unmet_condition(rule: CompiledRule, result: FilterResult,
+                    headers: Mapping[str, str]) -> str:
+    """Which of the rule's conditions failed, never with a header's value (it may be a
+    credential): `header x-tenant-id is missing`, `when '...' is false`."""
+    h = result.failed_header
+    if h is not None:
+        if h.kind == "absent":
+            return f"rule {rule.name}: header {h.name} must be absent"
+        if headers.get(h.name) is None:
+            return f"rule {rule.name}: header {h.name} is missing"
+        want = f"= {h.value!r}" if h.kind == "exact" else f"~ {h.value!r}"
+        return f"rule {rule.name}: header {h.name} does not match {want}"
+    when = rule.decl.when
+    if isinstance(result.condition, str):
+        error = result.condition
+        if not error.startswith(("header ", "claim ")):  # a runtime error may quote values
+            error = error.split(":", 1)[0]
+        return f"rule {rule.name}: when {when!r} could not be evaluated ({error})"
+    return f"rule {rule.name}: when {when!r} is false"
 
 
 def _ready(decl: LimitDecl, source: str, where: str, line: int | None) -> Limit:

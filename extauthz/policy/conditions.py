@@ -52,11 +52,23 @@ class Condition:
         """True/False, or an error message (the caller decides how an error counts)."""
         try:
             result = self.program.execute(dict(variables))
+        except KeyError as exc:  # a header or claim the request does not carry
+            return self._missing(exc.args[0] if exc.args else "")
         except Exception as exc:  # the CEL runtime raises several types; none may escape
             return f"{type(exc).__name__}: {exc}"
         if not isinstance(result, bool):
             return f"the expression returned {type(result).__name__}, not a bool"
         return result
+
+
+    def _missing(self, key: object) -> str:
+        """What an author reads for a KeyError: which input the request lacked."""
+        name = str(key)
+        if name.lower() in self.headers:
+            return f"header {name.lower()} is missing"
+        if name in self.claims:
+            return f"claim {name} is missing"
+        return f"{name!r} is missing from the request"
 
 
 def compile_condition(text: str) -> Condition:

@@ -201,8 +201,8 @@ def _rule(reader: Reader, default_hosts: tuple[str, ...], owner: str) -> RuleDec
             condition = compile_condition(when)
         except ConditionError as exc:
             raise reader.error("when", str(exc)) from None
-    allow = reader.string_list("allow")
-    deny = reader.string_list("deny")
+    allow = reader.string_list("allow", list_only=True)
+    deny = reader.string_list("deny", list_only=True)
     if not allow and not deny:
         raise reader.error("allow", "a rule needs 'allow' or 'deny' (default is deny)")
     _callers(reader, "allow", allow)
@@ -270,11 +270,23 @@ def _path(reader: Reader) -> PathMatch:
     return PathMatch("exact" if key == "path" else "prefix", value)
 
 
+def _quiet_re2() -> Any:
+    options = re2.Options()
+    options.log_errors = False  # no C++ log lines on stderr: the PolicyError says it all
+    return options
+
+
+_QUIET_RE2 = _quiet_re2()
+
+
 def compile_re2(reader: Reader, key: str, pattern: str) -> Any:
     try:
-        return re2.compile(pattern)
+        return re2.compile(pattern, _QUIET_RE2)
     except re2.error as exc:
-        raise reader.error(key, f"invalid RE2 regular expression {pattern!r}: {exc}") from None
+        detail = exc.args[0] if exc.args else ""
+        if isinstance(detail, bytes):  # the binding raises RE2's message as bytes
+            detail = detail.decode("utf-8", "replace")
+        raise reader.error(key, f"invalid RE2 regular expression {pattern!r}: {detail}") from None
 
 
 def _headers(reader: Reader) -> tuple[HeaderMatch, ...]:
@@ -371,7 +383,7 @@ def _connections(top: Reader) -> tuple[ConnectionRuleDecl, ...]:
         if not isinstance(ports, list) or not ports or not all(_port(p) for p in ports):
             raise reader.error("ports", "must be a list of ports (1-65535)")
         sni = reader.string_list("sni")
-        allow = reader.string_list("allow")
+        allow = reader.string_list("allow", list_only=True)
         if not allow:
             raise reader.error("allow", "is required (default is deny)")
         _callers(reader, "allow", allow)

@@ -140,13 +140,17 @@ class Reader:
             raise self.error(key, "must be a non-empty string")
         return value
 
-    def string_list(self, key: str, *, required: bool = False) -> tuple[str, ...]:
+    def string_list(
+        self, key: str, *, required: bool = False, list_only: bool = False
+    ) -> tuple[str, ...]:
         value = self.data.get(key)
         if value is None:
             if required:
                 raise self.error(key, "is required")
             return ()
         if isinstance(value, str):
+            if list_only:  # who may call is never a bare word: `allow: checkout` is a typo
+                raise self.error(key, f"must be a list: write [{value}]")
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise self.error(key, "must be a list of non-empty strings")

@@ -1,21 +1,25 @@
 """Answer "why was this request allowed or denied?" with the matcher's own logic.
 
 `decide` runs a request through the server's own synchronous `decide` (the same guards and
-policy evaluation as `Authorizer.check`, minus cache and rate limits). `explain` adds a trace of
-every rule on the request's host: whether its route matched (membership in the matcher's own
-candidate list), how its headers and `when` condition came out, and whether its allow/deny
-lists name the caller. The final decision always comes from `CompiledPolicy.evaluate`, never
-from this module.
+policy evaluation as `Authorizer.check`) and its GCRA limiter, minus the cache, with no event
+loop; a series of calls on
+an injected clock shows when a limit bites ("the 11th call in one second is 429"). `explain`
+adds a trace of every rule on the request's host: whether its route matched (membership in
+the matcher's own candidate list), how its headers and `when` condition came out, and
+whether its allow/deny lists name the caller. The final decision always comes from
+`CompiledPolicy.evaluate`, never from this module.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from extauthz.decide import pipeline
 from extauthz.decide.guards import normalize_host
+from extauthz.decide.ratelimit import LocalLimiter
 from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, SpiffePattern, parse_spiffe_id
 from extauthz.model import EMPTY, Decision, Identity, IdentitySource, Reason, Request
 from extauthz.policy.compiled import CompiledPolicy, CompiledRule, FilterResult, RequestInputs
@@ -37,6 +41,30 @@ class Probe:
     headers: Mapping[str, str] = field(default_factory=lambda: EMPTY)
     claims: Mapping[str, object] | None = None  # given: the caller presents a JWT
     now: float | None = None
+    # Rate limits: send `calls` identical requests spread evenly over `over` seconds (all at
+    # the same instant when 0) on an injected clock; the answer is the last call's.
+    calls: int = 1
+    over: float = 0.0
+
+
+MAX_CALLS = 100_000  # a test case, not a load test
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")  # fixed, not an author's regex
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """`1s`, `500ms`, `2m` or plain seconds -> seconds; ValueError otherwise."""
+    match = _DURATION.match(str(text).strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 1s, 500ms or 2m")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def check_calls(calls: int, over: float) -> None:
+    if not 1 <= calls <= MAX_CALLS:
+        raise ValueError(f"calls must be between 1 and {MAX_CALLS}, not {calls}")
+    if over < 0:
+        raise ValueError("over must not be negative")
 
 
 def caller_identity(policy: CompiledPolicy, principal: str,
@@ -76,15 +104,57 @@ def _spiffe(principal: str) -> SpiffeId:
                           f"valid SPIFFE ID: {exc}") from None
 
 
-def decide(policy: CompiledPolicy, probe: Probe) -> tuple[Decision, Identity]:
-    """The server's decision for a given (not verified) caller: the same guards and policy
-    evaluation as `Authorizer.check`, minus cache and rate limits, with no event loop."""
+class _Clock:
+    """The injected clock: the rate limiter sees the time of each call of a series."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def decide_series(policy: CompiledPolicy, probe: Probe) -> tuple[list[Decision], Identity]:
+    """Every answer of `probe.calls` identical requests, through the server's own pipeline
+    and GCRA limiter (in memory, fresh), on a clock that advances evenly over `probe.over`."""
+    check_calls(probe.calls, probe.over)
     identity = caller_identity(policy, probe.principal, probe.claims)
-    now = probe.now if probe.now is not None else time.time()
+    start = probe.now if probe.now is not None else time.time()
+    clock = _Clock(start)
+    limiter = LocalLimiter(clock, max_keys=1024)
     request = Request(method=probe.method, host=probe.host, path=probe.path,
                       headers={k.lower(): v for k, v in probe.headers.items()},
                       source_principal=identity.principal)
-    return pipeline.decide(policy, identity, request, now), identity
+    step = probe.over / (probe.calls - 1) if probe.calls > 1 else 0.0
+    answers = []
+    for i in range(probe.calls):
+        clock.now = start + i * step
+        decision = pipeline.decide(policy, identity, request, clock.now)
+        limits = policy.limits(decision)
+        if limits:
+            decision = pipeline.limited(decision, limiter.hit_many(limits))
+        answers.append(decision)
+    return answers, identity
+
+
+def decide(policy: CompiledPolicy, probe: Probe) -> tuple[Decision, Identity]:
+    """The answer to the probe (the last one, for a series of calls)."""
+    answers, identity = decide_series(policy, probe)
+    return answers[-1], identity
+
+
+def summarize_series(answers: list[Decision]) -> str:
+    """`calls 1-10: 200 allowed; call 11: 429 rate_limited`."""
+    runs: list[tuple[int, int, str]] = []
+    for i, d in enumerate(answers, 1):
+        label = f"{d.outcome.http_status} {d.reason.value}"
+        if runs and runs[-1][2] == label:
+            runs[-1] = (runs[-1][0], i, label)
+        else:
+            runs.append((i, i, label))
+    parts = [f"call {a}: {label}" if a == b else f"calls {a}-{b}: {label}"
+             for a, b, label in runs]
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,16 @@
         claims: {iss: https://idp.example, scope: orders}  # optional: caller shows a JWT
         time: 2025-01-06T10:00:00Z   # optional: for `when` conditions reading `now`
         expect: {decision: deny, reason: principal_not_allowed}
+      - name: the 11th order in one second is rate limited
+        principal: checkout
+        method: POST
+        path: /v1/orders
+        calls: 11                    # optional: identical requests, the last one is checked
+        over: 1s                     # optional: spread evenly over this long (default: at once)
+        expect: {status: 429, reason: rate_limited}
 
 Each case runs through the same path as a real check (normalization, method checks,
-policy evaluation; no cache or rate limit).
+policy evaluation, a fresh in-memory rate limiter on an injected clock; no cache).
 """
 
 from __future__ import annotations
@@ -35,16 +42,18 @@ from extauthz.policy.compiled import CompiledPolicy
 from extauthz.policy.reader import LineMap, PolicyError, Reader, load_yaml
 from extauthz.sources.policy_store import TEST_SUFFIXES
 from extauthz.tools.explain import (
+    MAX_CALLS,
     CallerError,
     Probe,
     decide,
     describe_decision,
     explain,
     format_explanation,
+    parse_duration,
 )
 
 _CASE_FIELDS = {"name", "principal", "method", "path", "host", "headers", "claims", "time",
-                "expect"}
+                "calls", "over", "expect"}
 _EXPECT_FIELDS = {"decision", "reason", "rule", "status", "dry_run"}
 _REASONS = {r.value for r in Reason}
 
@@ -156,6 +165,7 @@ def _case(r: Reader, host: str) -> Case:
     claims = r.data.get("claims")
     if claims is not None and not isinstance(claims, Mapping):
         raise r.error("claims", "must be a mapping of claim name to value")
+    calls, over = _series(r)
     host = r.string("host", required=False) or host
     if not host:
         raise r.error("host", "is required (no policy file matches this test file's name)")
@@ -171,9 +181,25 @@ def _case(r: Reader, host: str) -> Case:
             headers=headers,
             claims=_plain(claims) if claims is not None else None,
             now=_time(r),
+            calls=calls,
+            over=over,
         ),
         expect=_expect(r),
     )
+
+
+def _series(r: Reader) -> tuple[int, float]:
+    """`calls: 11` and `over: 1s`: the case sends that many identical requests through the
+    rate limiter on an injected clock, and `expect` is the last call's answer."""
+    calls = r.data.get("calls", 1)
+    if not isinstance(calls, int) or isinstance(calls, bool) or not 1 <= calls <= MAX_CALLS:
+        raise r.error("calls", f"must be a whole number from 1 to {MAX_CALLS}")
+    over_raw = r.data.get("over", 0)
+    try:
+        over = parse_duration(str(over_raw))
+    except ValueError as exc:
+        raise r.error("over", str(exc)) from None
+    return calls, over
 
 
 def _plain(value: object) -> dict[str, object]:

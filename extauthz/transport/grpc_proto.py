@@ -66,8 +66,30 @@ def to_request(check: ea.CheckRequest) -> Request:
         source_principal=source.principal,
         peer_certificate=source.certificate,
         source_address=source.address.socket_address.address,
-        context_extensions=attrs.context_extensions,
+        context_extensions=_context(attrs),
     )
+
+
+# The route metadata namespace and key a route can name itself under, for configs that set
+# `route_metadata_context_namespaces: [extauthz]` on the filter instead of per-route
+# context_extensions (Envoy sends route metadata only for the namespaces listed there).
+ROUTE_METADATA_NAMESPACE = "extauthz"
+ROUTE_KEY = "route"
+
+
+def _context(attrs: attribute_context_pb2.AttributeContext) -> Mapping[str, str]:
+    """context_extensions, plus the route's name from the route metadata when Envoy sends it
+    and the extensions do not name the route (no copy in the common case)."""
+    extensions: Mapping[str, str] = attrs.context_extensions
+    if ROUTE_KEY in extensions or not attrs.HasField("route_metadata_context"):
+        return extensions
+    meta = attrs.route_metadata_context.filter_metadata.get(ROUTE_METADATA_NAMESPACE)
+    if meta is None:
+        return extensions
+    route = meta.fields.get(ROUTE_KEY)
+    if route is None or not route.string_value:
+        return extensions
+    return {**extensions, ROUTE_KEY: route.string_value}
 
 
 def _raw_headers(entries: Iterable[base_pb2.HeaderValue]) -> dict[str, str]:
@@ -108,9 +130,14 @@ def is_network_check(request: Request) -> bool:
 
 def to_network_response(decision: Decision) -> ea.CheckResponse:
     """The answer to a network check: OK or a denial code, no HTTP response. Envoy closes a
-    denied connection; the dynamic metadata (principal, rule, ...) reaches its access log."""
+    denied connection, so the reason cannot travel in a header: it is in the dynamic metadata
+    (`reason`, with principal, rule, ... for the access log as
+    %DYNAMIC_METADATA(envoy.filters.network.ext_authz:reason)%) and in the status message
+    (`<status> <reason>`, as the HTTP body says it)."""
+    message = "" if decision.allowed else (
+        f"{decision.outcome.http_status} {decision.reason.value}")
     return ea.CheckResponse(
-        status=status_pb2.Status(code=_GRPC_CODE[decision.outcome]),
+        status=status_pb2.Status(code=_GRPC_CODE[decision.outcome], message=message),
         dynamic_metadata=_metadata(decision),
     )
 

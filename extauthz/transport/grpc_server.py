@@ -35,6 +35,7 @@ from extauthz.transport.grpc_proto import (
     to_request,
     to_response,
 )
+from extauthz.transport.listeners import BindError, reuse_port
 from extauthz.transport.tls import ClientIdentityInterceptor, TlsConfig
 
 log = logging.getLogger("extauthz.server")
@@ -122,14 +123,19 @@ def _bind(server: grpc.aio.Server, settings: Settings, tls: TlsConfig | None = N
             previous = os.umask(0o777 & ~settings.socket_mode)
             try:
                 server.add_insecure_port(addr)
+            except RuntimeError:  # gRPC says only "Failed to bind"; the CLI checked why first
+                raise BindError(f"listen: cannot bind {addr}") from None
             finally:
                 os.umask(previous)
             bound.append(addr)
         else:
-            if tls is not None:  # mutual TLS on TCP; unix sockets rely on their file mode
-                port = server.add_secure_port(addr, tls.server_credentials())
-            else:
-                port = server.add_insecure_port(addr)
+            try:
+                if tls is not None:  # mutual TLS on TCP; unix sockets rely on their file mode
+                    port = server.add_secure_port(addr, tls.server_credentials())
+                else:
+                    port = server.add_insecure_port(addr)
+            except RuntimeError:
+                raise BindError(f"listen: cannot bind {addr}") from None
             if port == 0:
                 raise SettingsError(f"listen: cannot bind {addr}")
             bound.append(f"{host}:{port}")
@@ -152,7 +158,9 @@ class GrpcTransport:
         tls = TlsConfig.from_settings(settings)
         server = grpc.aio.server(
             interceptors=[ClientIdentityInterceptor(tls)] if tls is not None else None,
-            options=[("grpc.so_reuseport", 1)],
+            # gRPC's default is SO_REUSEPORT on, which would let a second instance share
+            # the port silently; only a supervisor's own workers share it (issue 19).
+            options=[("grpc.so_reuseport", 1 if reuse_port() else 0)],
         )
         ea_grpc.add_AuthorizationServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

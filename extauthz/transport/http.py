@@ -60,6 +60,7 @@ from extauthz.identity.xfcc import XfccError, parse_xfcc, sidecar_element
 from extauthz.memo import Memo
 from extauthz.model import Decision, IdentityFailure, IdentitySource, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.transport.listeners import BindError, reuse_port
 from extauthz.transport.tls import TlsConfig
 
 log = logging.getLogger("extauthz.http")
@@ -78,6 +79,7 @@ CLIENT_HEADERS = (REASON_HEADER, "www-authenticate", "retry-after", "ratelimit-l
 BUDGET_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
 RESPONSE_MEMO_SIZE = 4096
 XFCC_MEMO_SIZE = 4096
+XFCC_MEMO_MAX_VALUE = 4096  # a sidecar's element (URI, Hash, even Cert=) is well under this
 
 _STATUS_LINE = {
     200: b"HTTP/1.1 200 OK\r\n",
@@ -575,7 +577,9 @@ class HttpCheckServer:
         """The XFCC value's peer, memoized: a mesh has few callers, parsing costs more."""
         found = self._peers.get(xfcc)
         if found is None:
-            found = self._peers.put(xfcc, peer_from_xfcc(xfcc))
+            found = peer_from_xfcc(xfcc)
+            if len(xfcc) <= XFCC_MEMO_MAX_VALUE:  # entries x size stays bounded (~16 MiB)
+                self._peers.put(xfcc, found)
         return found
 
     def refuse_peer(self, transport: asyncio.Transport) -> str:
@@ -683,9 +687,9 @@ class HttpTransport:
                 try:
                     server = await loop.create_unix_server(
                         lambda: CheckConnection(state), path, backlog=1024)
-                except OSError as exc:
-                    raise SettingsError(f"http_listen: cannot bind {addr}: "
-                                        f"{exc.strerror or exc}") from None
+                except OSError as exc:  # the host refused a valid setting: exit 1 (issue 19)
+                    raise BindError(f"http_listen: cannot bind {addr}: "
+                                    f"{exc.strerror or exc}") from None
                 finally:
                     os.umask(previous)
                 os.chmod(path, settings.socket_mode)
@@ -694,10 +698,10 @@ class HttpTransport:
                 try:
                     server = await loop.create_server(
                         lambda: CheckConnection(state), str(host), int(where), backlog=1024,
-                        reuse_port=True, ssl=context)
-                except OSError as exc:
-                    raise SettingsError(f"http_listen: cannot bind {addr}: "
-                                        f"{exc.strerror or exc}") from None
+                        reuse_port=reuse_port(), ssl=context)
+                except OSError as exc:  # only a supervisor's workers share a port (issue 19)
+                    raise BindError(f"http_listen: cannot bind {addr}: "
+                                    f"{exc.strerror or exc}") from None
                 port = server.sockets[0].getsockname()[1]
                 bound.append(f"http://{host}:{port}")
             self._servers.append(server)

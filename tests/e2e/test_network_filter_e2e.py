@@ -283,6 +283,21 @@ def test_access_log_names_the_principal(tcp: TcpStack) -> None:
 
 
 @pytest.mark.e2e
+def test_a_denied_connection_is_logged_with_its_reason(tcp: TcpStack) -> None:
+    """No HTTP response carries x-extauthz-reason on TCP: the access log says why instead."""
+    payload = b"denied " + os.urandom(4).hex().encode()
+    assert tcp.talk(tcp.ca.issue_svid(STRANGER), payload) == b""
+    deadline = time.monotonic() + 5
+    denied: list[dict[str, object]] = []
+    while not denied and time.monotonic() < deadline:
+        denied = [e for e in _log_entries(tcp, 1) if e.get("principal") == STRANGER]
+        time.sleep(0.1)
+    assert denied, _log_entries(tcp, 1)
+    assert denied[-1]["authz_reason"] in ("no_matching_rule", "principal_not_allowed")
+    assert "UAEX" in str(denied[-1]["flags"])
+
+
+@pytest.mark.e2e
 def test_the_authz_channel_is_the_one_rendered(tcp: TcpStack) -> None:
     payload = b"hello " + os.urandom(4).hex().encode()
     assert tcp.talk(tcp.ca.issue_svid(CHECKOUT), payload) == payload

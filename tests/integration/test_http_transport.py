@@ -546,7 +546,9 @@ def test_one_process_serves_grpc_and_http_with_one_lifecycle(tmp_path: Path) -> 
         assert stop(proc) == 0, log.read_text()
 
 
-def test_http_listen_that_cannot_bind_exits_2_with_one_line(tmp_path: Path) -> None:
+def test_http_listen_that_cannot_bind_exits_1_with_one_line(tmp_path: Path) -> None:
+    """A missing socket folder is the host refusing a valid setting: exit 1 (a wrong setting
+    is 2; see docs/operations.md, start-up)."""
     import subprocess
     import sys
 
@@ -559,7 +561,7 @@ def test_http_listen_that_cannot_bind_exits_2_with_one_line(tmp_path: Path) -> N
         [sys.executable, "-m", "extauthz", "serve", "--policy", str(tmp_path / "policy"),
          "--http-listen", f"unix:{sock}", "--decision-log", "none"],
         capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert f"http_listen: cannot bind unix:{sock}" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
@@ -569,3 +571,17 @@ def test_workers_refuse_a_unix_http_listener() -> None:
 
     with pytest.raises(SettingsError, match="unix socket cannot be shared"):  # validated once
         load_settings({"policy": "p", "http_listen": ["unix:/run/a.sock"], "workers": 2}, {})
+
+
+def test_xfcc_memo_stays_bounded_under_distinct_and_oversized_values(tmp_path: Path) -> None:
+    from extauthz.transport.http import XFCC_MEMO_MAX_VALUE, XFCC_MEMO_SIZE
+
+    with running(tmp_path, limits=FAST) as s:
+        state = s.transport.server
+        for i in range(XFCC_MEMO_SIZE + 10):
+            s.call(state.peer, xfcc(f"spiffe://prod.example/ns/n/sa/{i}"))
+        huge = xfcc(CHECKOUT) + ";Subject=\"" + "x" * (XFCC_MEMO_MAX_VALUE + 1) + "\""
+        s.call(state.peer, huge)
+        memo = s.call(lambda: dict(state._peers))
+        assert len(memo) <= XFCC_MEMO_SIZE
+        assert huge not in memo

@@ -149,15 +149,15 @@ def test_schema_lists_every_field_and_every_reason() -> None:
 
 
 def test_schema_version_is_honest_minor_versions_only_append() -> None:
-    """1.1 appended six fields: the major in every line is unchanged, 1.0 fields keep their
-    order and stay the required ones, so a 1.0 line still validates."""
+    """1.1 appended six fields, 1.2 one: the major in every line is unchanged, 1.0 fields keep
+    their order and stay the required ones, so a 1.0 line still validates."""
     schema = json.loads(SCHEMA_PATH.read_text())
-    assert schema["x-schema-version"] == f"{SCHEMA_VERSION}.{SCHEMA_MINOR}" == "1.1"
+    assert schema["x-schema-version"] == f"{SCHEMA_VERSION}.{SCHEMA_MINOR}" == "1.2"
     assert schema["required"] == V1_0_FIELDS
     entry = record(time.time(), REQ, allow(), 0.001)
     assert list(entry)[: len(V1_0_FIELDS)] == V1_0_FIELDS
     assert list(entry)[len(V1_0_FIELDS):] == [
-        "route", "presented_principal", "allow_rule", "subject", "peer", "notes"]
+        "route", "presented_principal", "allow_rule", "subject", "peer", "notes", "condition"]
     old_line = {k: v for k, v in entry.items() if k in V1_0_FIELDS}
     validator().validate(old_line)
     with pytest.raises(jsonschema.ValidationError):

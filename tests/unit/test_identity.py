@@ -123,6 +123,14 @@ def test_xfcc_subject_injection_through_trusted_proxy() -> None:
     assert resolve(req(PROXY, **{XFCC: header})).principal == CLIENT
 
 
+def test_without_trusted_proxies_an_xfcc_header_is_ignored_without_a_note() -> None:
+    """Behind the standard sidecar every request carries XFCC: no note on every log line."""
+    plain = resolver(trusted_proxies=frozenset())
+    found = resolve(req(ID, **{XFCC: f"By={PROXY};URI={CLIENT}"}), plain)
+    assert isinstance(found, Identity) and found.principal == ID
+    assert NOTES_CLAIM not in found.claims
+
+
 def test_xfcc_from_untrusted_peer_is_ignored_with_a_note() -> None:
     found = resolve(req(ID, **{XFCC: f"By={PROXY};URI={CLIENT}"}))
     assert found.principal == ID and found.source is IdentitySource.MTLS

@@ -59,7 +59,9 @@ def test_evaluation_error_is_false_for_allow_rules() -> None:
     p = compiled([{"name": "r", "path": "/x", "allow": ["checkout"],
                    "when": 'headers["x-tier"] == "gold"'}])  # missing header: a CEL error
     d = p.evaluate(jwt(), HOST, "GET", "/x").decision
-    assert (d.allowed, d.reason) == (False, Reason.NO_MATCHING_RULE)
+    assert (d.allowed, d.reason, d.rule) == (False, Reason.CONDITION_NOT_MET, "r")
+    assert d.detail == ("rule r: when 'headers[\"x-tier\"] == \"gold\"' could not be evaluated "
+                        "(header x-tier is missing)")
     assert p.evaluate(jwt(), HOST, "GET", "/x", headers={"x-tier": "gold"}).decision.allowed
 
 

@@ -35,12 +35,15 @@ def test_explain_uses_the_matchers_decision_and_says_why(policy_dir: Path) -> No
     exp = explain(policy, Probe("checkout", "PATCH", "/v1/orders/42/items/7", "orders.mesh.local",
                                 {"x-tenant-id": "ACME!"}))
     by_rule = {t.rule.name: t for t in exp.rules}
-    assert exp.decision.reason.value == "no_matching_rule"
+    assert exp.decision.reason.value == "condition_not_met"
+    assert exp.decision.rule == "orders-item-update"
     assert by_rule["orders-item-update"].route and by_rule["orders-item-update"].verdict == "not applicable"
     assert "header x-tenant-id must be ~ '[a-z0-9-]{1,40}', got 'ACME!'" in by_rule["orders-item-update"].notes
     assert by_rule["orders-read"].notes == ("method PATCH not in [GET, HEAD]",)
     text = format_explanation(exp, policy)
-    assert "decision: DENY 403 no_matching_rule" in text and "(orders.yaml:" in text
+    assert ("decision: DENY 403 condition_not_met rule=orders-item-update (rule "
+            "orders-item-update: header x-tenant-id does not match ~ '[a-z0-9-]{1,40}')") in text
+    assert "(orders.yaml:" in text
 
 
 def test_explain_reports_pre_rule_denials_and_unknown_hosts(policy_dir: Path) -> None:
