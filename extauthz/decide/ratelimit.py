@@ -338,6 +338,23 @@ class Limiter(Protocol):
 
     async def aclose(self) -> None: ...
 
+
+class InProcessLimiter:
+    """The local GCRA limiter behind the async Limiter interface (no I/O, never awaits)."""
+
+    def __init__(self, limiter: LocalLimiter) -> None:
+        self.local = limiter
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def hit_many(self, items: Sequence[tuple[str, Limit]], cost: int = 1) -> LimitResult:
+        return self.local.hit_many(items, cost)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the state is process memory."""
+
+
 class OverLimitCache:
     """Keys known to be over their limit, answered locally until their retry-after.
 
