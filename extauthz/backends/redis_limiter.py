@@ -514,10 +514,6 @@ class RedisLimiter:
             *(self._client.script_load(GCRA_SCRIPT) for _ in range(self.max_inflight))
         )
 
-    async def load_script(self) -> None:
-        """Kept for callers of the first interface: the same as `start()`."""
-        await self.start()
-
     async def aclose(self) -> None:
         """Answer what is queued with the failure mode, stop the pipelines, close the client."""
         while self._queue:
