@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from extauthz.app import build_app
-from extauthz.decide.pipeline import normalize_host
+from extauthz.decide.guards import normalize_host
 from extauthz.observe.decision_log import fast_line
 from extauthz.observe.tracing import SpanRecorder
 from extauthz.observe.wiring import build_observers
@@ -126,8 +126,8 @@ def run(policy: Path, cert_pem: bytes | None, n: int = 3000) -> list[dict[str, A
                         normalize_path(request.path) if normalize_path else None), n)),
         ("hit", "DecisionCache.get (hit)", _best(lambda: hit_app.cache.get(key), n)),
         ("hit", "servicer._respond (memoized)", _best(lambda: servicer._respond(result), n)),
-        ("hit", "Authorizer._apply_limits (no limit applies)",
-         _best_async(lambda: authorizer._apply_limits(compiled, result.decision, True, found), n)),
+        ("miss", "CompiledPolicy.limits (no limit applies; a hit reads its cache entry)",
+         _best(lambda: compiled.limits(result.decision), n)),
         ("hit", "Authorizer.check (cache hit)", _best_async(lambda: authorizer.check(request), n)),
         ("hit", "observers (tracing off, decision log none, no metrics)",
          _best(lambda: [o.observe(request, result, 1e-5) for o in observers], n)),

@@ -26,13 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from extauthz import headers
 from extauthz.backends.redis_limiter import RedisLimiter
 from extauthz.decide.cache import DecisionCache
-from extauthz.decide.pipeline import Authorizer, CheckResult, InProcessLimiter, Limiter
-from extauthz.decide.ratelimit import LocalLimiter
+from extauthz.decide.pipeline import Authorizer, CheckResult
+from extauthz.decide.ratelimit import InProcessLimiter, Limiter, LocalLimiter
 from extauthz.identity.resolver import IdentityConfig, IdentityResolver
 from extauthz.model import Decision, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError
+from extauthz.sources.jwks import KeySets
 from extauthz.sources.notify import open_notifier
 from extauthz.sources.policy_store import PolicyStore
 from extauthz.sources.revocation import RevocationError, fingerprint, load_revocations
@@ -82,8 +84,9 @@ class App:
     authorizer: Authorizer
     cache: DecisionCache
     identity_config: IdentityConfig
-    # The resolver built at start-up: it owns the JWKS caches and their refresher threads.
-    identity_root: IdentityResolver
+    # The one owner of the JWKS caches and their refresher threads (the identity core only
+    # reads them; a revocation reload builds a new resolver over the same key sets).
+    keys: KeySets
     observers: tuple[CheckObserver, ...] = ()
     stats: Stats = field(default_factory=Stats)
     clock: Callable[[], float] = time.perf_counter
@@ -155,12 +158,16 @@ def build_app(
         raise SettingsError("policy: a policy directory is required (--policy DIR)")
     store = PolicyStore(settings.policy)
     identity_config = identity_config_from(settings)
-    identity = IdentityResolver.from_config(identity_config)
+    try:
+        keys = KeySets.for_issuers(identity_config.jwt_issuers)
+        identity = IdentityResolver.from_config(identity_config, keys=keys.providers)
+    except ValueError as exc:
+        raise SettingsError(f"identity: {exc}") from None
     cache = DecisionCache(settings.cache_size, settings.cache_ttl, clock)
     if limiter is None:
         limiter = _limiter(settings, clock)
     authorizer = Authorizer(store, identity, cache, clock, limiter)
-    return App(settings, store, authorizer, cache, identity_config, identity, tuple(observers))
+    return App(settings, store, authorizer, cache, identity_config, keys, tuple(observers))
 
 
 def strip_headers_of(settings: Settings) -> tuple[str, ...]:
@@ -169,26 +176,15 @@ def strip_headers_of(settings: Settings) -> tuple[str, ...]:
     return tuple(
         dict.fromkeys(
             h
-            for h in (
-                settings.principal_header,
-                settings.rule_header,
-                "x-extauthz-principal",
-                "x-extauthz-rule",
-            )
+            for h in (settings.principal_header, settings.rule_header, *headers.TRUSTED)
             if h
         )
     )
 
 
 def identity_config_from(settings: Settings) -> IdentityConfig:
-    try:
-        config = IdentityConfig.from_mapping(settings.identity)
-        if settings.trust_domains:
-            domains = config.trust_domains | frozenset(settings.trust_domains)
-            config = dataclasses.replace(config, trust_domains=domains)
-    except (ValueError, TypeError) as exc:
-        raise SettingsError(f"identity: {exc}") from None
-    return config
+    """The typed `identity:` section (validated with the rest of the settings)."""
+    return settings.identity_config
 
 
 def apply_revocations(app: App) -> bool:
@@ -213,8 +209,8 @@ def apply_revocations(app: App) -> bool:
         revoked_principals=base.revoked_principals | revoked.principals,
         revoked_token_ids=base.revoked_token_ids | revoked.token_ids,
     )
-    keys = {cache.name: cache for cache in app.identity_root.key_caches}
-    app.authorizer.identity = IdentityResolver.from_config(config, keys=keys)
+    # Swapped whole: one attribute write of a new resolver (new revocation sets, new memo).
+    app.authorizer.identity = IdentityResolver.from_config(config, keys=app.keys.providers)
     app.revocation_version = revoked.version
     log.info(
         "revocation list loaded",
@@ -255,17 +251,17 @@ async def start(app: App) -> None:
             "no trust domains configured: SPIFFE IDs of any trust domain are accepted",
             extra={"event": "trust_domains_unset"},
         )
-    if not await asyncio.to_thread(app.identity_root.start):
+    if not await asyncio.to_thread(app.keys.start):
         # Checks with tokens from that issuer fail closed until its keys load; mTLS callers
         # keep working, so this is not a reason to stay NOT_SERVING.
         log.warning(
             "some JWT signing keys could not be loaded at start-up",
             extra={"event": "jwks_unavailable"},
         )
-    load_script = getattr(app.authorizer.limiter, "load_script", None)
-    if load_script is not None:
+    limiter = app.authorizer.limiter
+    if limiter is not None:
         try:
-            await asyncio.wait_for(load_script(), timeout=2.0)
+            await asyncio.wait_for(limiter.start(), timeout=2.0)
         except Exception as exc:  # the failure mode covers checks; say so at start-up
             log.warning(
                 "rate-limit backend unreachable at start-up",
@@ -275,10 +271,10 @@ async def start(app: App) -> None:
 
 async def stop(app: App) -> None:
     """Release what `start` acquired (JWKS refreshers, the limiter's connections)."""
-    app.identity_root.stop()
-    close = getattr(app.authorizer.limiter, "aclose", None)
-    if close is not None:
-        await close()
+    app.keys.stop()
+    limiter = app.authorizer.limiter
+    if limiter is not None:
+        await limiter.aclose()
 
 
 async def serve(

@@ -1,6 +1,6 @@
 """The vocabulary of the pure core: what a check is about and what it decided.
 
-Everything here is plain data. The gRPC edge (`proto.py`) turns a CheckRequest into a
+Everything here is plain data. The gRPC edge (`transport/grpc_proto.py`) turns a CheckRequest into a
 `Request`; the pipeline turns a `Request` into a `Decision`; the edges turn a `Decision` into a
 CheckResponse, a span, a log line and metrics. Nothing in this module knows about any of them.
 """
@@ -86,6 +86,10 @@ class Request:
     source_address: str = ""
     context_extensions: Mapping[str, str] = field(default_factory=lambda: EMPTY)
     is_http: bool = True
+    # Where the connection arrived (the Envoy listener's address): what a network (TCP) check
+    # is decided by, with the SNI in `host`. 0 / "" when Envoy did not say.
+    destination_port: int = 0
+    destination_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,16 @@
-"""Server settings: validated once at start-up, then passed down; never read from globals.
+"""Server settings: validated once, here, then passed down; never read from globals.
 
 Precedence: command-line flag > `EXTAUTHZ_*` environment variable > config file > default.
+Every check of a value (ranges, listen addresses, TLS all-or-none, workers, header names, the
+`identity:` section) runs when a `Settings` is made, however it is made (flags, environment,
+file, or code), so no later stage validates settings again or sees an invalid one. Only what
+needs I/O (reading certificates, binding ports) is checked where it happens.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,14 +18,12 @@ from typing import Any
 
 import yaml
 
+from extauthz import headers
 from extauthz.backends.redis_url import parse_redis_url
+from extauthz.identity.resolver import IdentityConfig
+from extauthz.identity.spiffe import SpiffeIdError, SpiffePattern
 
 ENV_PREFIX = "EXTAUTHZ_"
-# RFC 9110 token characters, lowercase (Envoy lowercases header names); fixed, not user regex.
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
-_RESERVED_HEADERS = frozenset(
-    {"host", "authorization", "x-forwarded-client-cert", "x-extauthz-reason"}
-)
 
 
 class SettingsError(ValueError):
@@ -44,7 +45,7 @@ class Settings:
     cache_size: int = 100_000
     cache_ttl: float = 60.0
     trust_domains: tuple[str, ...] = ()
-    principal_header: str = "x-extauthz-principal"
+    principal_header: str = headers.PRINCIPAL
     # Header carrying the name of the rule that allowed the request ("" = not sent).
     rule_header: str = ""
     limiter_max_keys: int = 100_000
@@ -74,10 +75,18 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     tls_allowed_clients: tuple[str, ...] = ()
+    # The `identity:` section with `trust_domains` merged in, typed: what the resolver takes.
+    identity_config: IdentityConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        object.__setattr__(self, "identity_config", _identity_config(self))
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
+            if not f.init:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, Path):
                 value = str(value)
@@ -133,7 +142,7 @@ def load_settings(
     environ: Mapping[str, str],
     config_file: Path | None = None,
 ) -> Settings:
-    names = {f.name for f in fields(Settings)}
+    names = {f.name for f in fields(Settings) if f.init}
     values: dict[str, object] = {}
     if config_file is not None:
         try:
@@ -169,9 +178,7 @@ def load_settings(
             values[name] = _coerce(name, raw, f"flag --{name.replace('_', '-')}")
     if values.get("http_listen") and "listen" not in values:
         values["listen"] = ()  # --http-listen alone: no gRPC listener on the default port
-    settings = Settings(**values)  # type: ignore[arg-type]
-    _validate(settings)
-    return settings
+    return Settings(**values)  # type: ignore[arg-type]  # validated by Settings itself
 
 
 def _validate(s: Settings) -> None:
@@ -182,13 +189,25 @@ def _validate(s: Settings) -> None:
     _validate_http(s)
     if s.workers < 1:
         raise SettingsError("workers: must be at least 1")
+    if s.workers > 1:
+        _check_workers(s)
+    if not 0.0 <= s.decision_log_sample_allowed <= 1.0:
+        raise SettingsError("decision_log_sample_allowed: must be between 0 and 1, not "
+                            f"{s.decision_log_sample_allowed}")
+    if s.metrics_listen:
+        if s.metrics_listen.startswith("unix:"):
+            raise SettingsError("metrics_listen: expected HOST:PORT, not a unix socket")
+        try:
+            parse_listen_address(s.metrics_listen)
+        except SettingsError:
+            raise SettingsError(
+                f"metrics_listen: expected HOST:PORT, got {s.metrics_listen!r}") from None
+    _check_tls(s)
     for name in ("principal_header", "rule_header"):
         value = getattr(s, name)
-        if value and (not _HEADER_NAME.match(value) or value in _RESERVED_HEADERS):
-            raise SettingsError(
-                f"{name}: {value!r} is not a usable lowercase header name "
-                f"(reserved: {', '.join(sorted(_RESERVED_HEADERS))})"
-            )
+        problem = headers.settable_problem(value) if value else ""
+        if problem:
+            raise SettingsError(f"{name}: {problem}")
     if s.rule_header and s.rule_header == s.principal_header:
         raise SettingsError("rule_header: must differ from principal_header")
     if s.rate_limit_backend not in ("memory", "redis"):
@@ -242,6 +261,55 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_workers(s: Settings) -> None:
+    for addr in (*s.listen, *s.http_listen):
+        host, port = parse_listen_address(addr)
+        if host == "unix":
+            raise SettingsError(
+                "workers: a unix socket cannot be shared by several workers; listen on "
+                "HOST:PORT (SO_REUSEPORT) or run one worker per socket"
+            )
+        if port == 0:
+            raise SettingsError("workers: port 0 would give every worker its own port")
+
+
+def _check_tls(s: Settings) -> None:
+    """Mutual TLS on the listeners is all or nothing: certificate, key, client CA and the
+    SPIFFE IDs that may call. (Reading the files is the transport's job, at start-up.)"""
+    given = {"tls_cert": s.tls_cert, "tls_key": s.tls_key, "tls_client_ca": s.tls_client_ca}
+    if not any(given.values()) and not s.tls_allowed_clients:
+        return
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise SettingsError(
+            f"{', '.join(missing)}: required with TLS (server certificate, key and the CA "
+            "that issued the clients' certificates: TLS here always means mutual TLS)"
+        )
+    if not s.tls_allowed_clients:
+        raise SettingsError(
+            "tls_allowed_clients: required with TLS: the SPIFFE IDs (or patterns) of the "
+            "Envoys that may call extauthz"
+        )
+    for entry in s.tls_allowed_clients:
+        try:
+            SpiffePattern.parse(entry)
+        except SpiffeIdError as exc:
+            raise SettingsError(
+                f"tls_allowed_clients: invalid SPIFFE ID or pattern {entry!r}: {exc}"
+            ) from None
+
+
+def _identity_config(s: Settings) -> IdentityConfig:
+    try:
+        config = IdentityConfig.from_mapping(s.identity)
+        if s.trust_domains:
+            domains = config.trust_domains | frozenset(s.trust_domains)
+            config = IdentityConfig.from_mapping({**s.identity, "trust_domains": sorted(domains)})
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(f"identity: {exc}") from None
+    return config
 
 
 def parse_listen_address(addr: str) -> tuple[str, str | int]:

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from extauthz import headers as names
+
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)?$")
 
 
@@ -65,7 +67,7 @@ class _Defaults:
     route_name: str = "default"
     sds_svid_name: str = "default"
     sds_bundle_name: str = "ROOTCA"
-    principal_header: str = "x-extauthz-principal"
+    principal_header: str = names.PRINCIPAL
 
 
 DEFAULTS = _Defaults()

@@ -1,41 +1,40 @@
-"""One check, as the data flows: identity -> decision cache -> policy -> rate limit.
+"""One check, one pass: identity -> guards -> decision cache -> compiled policy -> rate limits.
 
-`Authorizer.check` is the whole pure core behind the gRPC servicer. It never raises for a
-bad request: every path ends in a Decision, and the servicer turns any unexpected exception
-into a fail-closed 503 (see server.py), never an allow.
+`Authorizer.check` is the whole pure core behind a transport. It never raises for a bad
+request: every path ends in a Decision, and the transport turns any unexpected exception into
+a fail-closed 503, never an allow.
+
+The pass, in order, each step done once:
+1. host and path are normalized (the host through a memo: a mesh has few hosts);
+2. no policy loaded: 503; no or a bad credential: 401 (identity/resolver.py);
+3. the guards (guards.py): method, malformed host, ambiguous path, method overrides by query
+   or header: 403 — before the cache, so nothing they read is part of a cache key;
+4. the decision cache, keyed by everything the policy reads; an entry holds the decision and
+   the ready (key, Limit) pairs it is subject to, so a hit never goes back to the policy;
+5. on a miss, the compiled policy decides and names the limits;
+6. the limiter, when the decision allows and limits apply.
+The result carries the normalized host and path, so observers never normalize again.
+
+`decide` is steps 3 and 5 alone, synchronous, for the offline tools (`explain`, `test`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import NamedTuple, Protocol
 
-from extauthz.decide.cache import DecisionCache
-from extauthz.decide.ratelimit import (
-    Limit,
-    LimitResult,
-    LocalLimiter,
-    principal_key,
-    rate_limit_headers,
-    rule_key,
-)
-from extauthz.identity.resolver import IdentityResolver, www_authenticate
+from extauthz.decide.cache import CachedDecision, DecisionCache
+from extauthz.decide.guards import Refusal, Route, guard, normalize_host
+from extauthz.decide.ratelimit import Limiter, LimitResult, rate_limit_headers
+from extauthz.identity.resolver import www_authenticate
+from extauthz.memo import Memo
 from extauthz.model import Decision, Identity, IdentityFailure, Outcome, Reason, Request
-from extauthz.policy.compiled import CompiledPolicy, query_method_override
-from extauthz.policy.connections import (
-    ConnectionTable,
-    compile_connections,
-    connection_rules,
-    destination_port,
-    principal_ids,
-)
-from extauthz.policy.document import METHODS, LimitDecl
+from extauthz.policy.compiled import CompiledPolicy
 from extauthz.policy.paths import normalize_path
 
-MAX_HOST_LENGTH = 255
 HOST_MEMO_SIZE = 1024
-_UNSEEN = "\0unseen"
+_UNSEEN = "\0unseen"  # compared by identity: no Host header value is this object
 REALM = "extauthz"
 
 
@@ -46,12 +45,16 @@ class PolicySource(Protocol):
     def current(self) -> CompiledPolicy | None: ...
 
 
-class Limiter(Protocol):
-    async def hit_many(self, items: Sequence[tuple[str, Limit]]) -> LimitResult: ...
+class IdentitySource(Protocol):
+    """Who is calling (identity/resolver.py's IdentityResolver, or a given caller)."""
+
+    def resolve(self, request: Request, now: float) -> Identity | IdentityFailure | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CheckResult:
+class CheckResult(NamedTuple):
+    """What one check decided, for the transport and the observers. Immutable; a tuple
+    because one is made per check and a frozen dataclass costs three times as much."""
+
     decision: Decision
     cache_hit: bool = False
     limit: LimitResult | None = None
@@ -59,35 +62,30 @@ class CheckResult:
     # the request that filled the entry (same principal, source and issuer, but its own
     # notes and expiry), so per-request details are read from here.
     identity: Identity | None = None
+    # The request's host and path as the policy sees them (normalized once, in step 1); None
+    # for a network check or a value that is malformed or ambiguous.
+    host: str | None = None
+    path: str | None = None
 
 
-def normalize_host(raw: str) -> str | None:
-    """Lowercase and drop the port: `Orders.Mesh:8443` -> `orders.mesh`."""
-    if not raw or len(raw) > MAX_HOST_LENGTH:
-        return None
-    host = raw.lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else None
-    colon = host.rfind(":")
-    if colon >= 0:
-        if not host[colon + 1 :].isdigit():
-            return None
-        host = host[:colon]
-    if not host or any(c <= " " or c in "/\\@" for c in host):
-        return None
-    return host
-
-
-def _limit(decl: LimitDecl) -> Limit:
-    return Limit(rate=decl.rate, period=decl.period, burst=decl.burst)
+def decide(
+    policy: CompiledPolicy, identity: Identity, request: Request, now: float
+) -> Decision:
+    """The decision for a verified caller, without cache or limits: the guards, then the
+    policy. Synchronous, for `explain` and `extauthz test`; `Authorizer.check` runs the very
+    same two steps around its cache."""
+    route = guard(request, normalize_host(request.host), normalize_path(request.path))
+    if isinstance(route, Refusal):
+        return _refused(route, identity, policy.version)
+    return policy.evaluate(identity, route.host, route.method, route.path,
+                           headers=request.headers, now=now).decision
 
 
 class Authorizer:
     def __init__(
         self,
         policy: PolicySource,
-        identity: IdentityResolver,
+        identity: IdentitySource,
         cache: DecisionCache,
         clock: Callable[[], float],
         limiter: Limiter | None = None,
@@ -97,11 +95,8 @@ class Authorizer:
         self._cache = cache
         self._clock = clock
         self._limiter = limiter
-        # Raw Host header -> normalized host: a mesh has few hosts, and normalizing costs more
-        # than the lookup. Bounded; a flood of distinct hosts only clears it.
-        self._hosts: dict[str, str | None] = {}
-        # Connection rules (network ext_authz) compiled for the policy they were built from.
-        self._connections: tuple[CompiledPolicy, ConnectionTable] | None = None
+        # Raw Host header -> normalized host (None: malformed).
+        self._hosts: Memo[str, str | None] = Memo(HOST_MEMO_SIZE)
 
     @property
     def limiter(self) -> Limiter | None:
@@ -118,151 +113,108 @@ class Authorizer:
         return current.version if current is not None else ""
 
     @property
-    def identity(self) -> IdentityResolver:
+    def identity(self) -> IdentitySource:
         return self._identity
 
     @identity.setter
-    def identity(self, resolver: IdentityResolver) -> None:
+    def identity(self, resolver: IdentitySource) -> None:
         """Swap the resolver (e.g. a new revocation list); one attribute write, so a check
         in flight uses either the old or the new one, never a mix."""
         self._identity = resolver
 
     async def check(self, request: Request) -> CheckResult:
+        host: str | None = None
+        path: str | None = None
+        if request.is_http:
+            host = self._hosts.get(request.host, _UNSEEN)
+            if host is _UNSEEN:
+                host = self._hosts.put(request.host, normalize_host(request.host))
+            path = normalize_path(request.path)
         policy = self._policy.current
         if policy is None:
             return CheckResult(
-                Decision(Outcome.UNAVAILABLE, Reason.POLICY_NOT_LOADED, "no policy is loaded yet")
+                Decision(Outcome.UNAVAILABLE, Reason.POLICY_NOT_LOADED, "no policy is loaded yet"),
+                host=host, path=path,
             )
         now = self._clock()
         found = self._identity.resolve(request, now)
         if not isinstance(found, Identity):
-            return CheckResult(_unauthenticated(found, policy.version))
+            return CheckResult(_unauthenticated(found, policy.version), host=host, path=path)
         if not request.is_http:
             # Envoy's network (TCP) ext_authz filter: one check per connection, by identity,
-            # destination port and SNI only (see network_policy.py).
-            return CheckResult(self._connection(policy, found, request))
-        method = request.method
-        if method not in METHODS:
-            return CheckResult(
-                Decision(
-                    Outcome.FORBIDDEN,
-                    Reason.MALFORMED_REQUEST,
-                    "unsupported or missing HTTP method",
-                    identity=found,
-                    policy_version=policy.version,
-                )
-            )
-        host = self._hosts.get(request.host, _UNSEEN)
-        if host is _UNSEEN:
-            host = normalize_host(request.host)
-            if len(self._hosts) >= HOST_MEMO_SIZE:
-                self._hosts.clear()
-            self._hosts[request.host] = host
-        path = normalize_path(request.path)
-        if host is None or path is None:
-            what = "host" if host is None else "path"
-            return CheckResult(
-                Decision(
-                    Outcome.FORBIDDEN,
-                    Reason.AMBIGUOUS_PATH if path is None else Reason.MALFORMED_REQUEST,
-                    f"the request {what} is malformed or ambiguous",
-                    identity=found,
-                    policy_version=policy.version,
-                )
-            )
-        override = query_method_override(method, request.path) if "?" in request.path else ""
-        if override:
-            return CheckResult(
-                Decision(
-                    Outcome.FORBIDDEN,
-                    Reason.METHOD_OVERRIDE,
-                    override,
-                    identity=found,
-                    policy_version=policy.version,
-                )
-            )
+            # destination port and SNI only (see policy/connections.py).
+            return CheckResult(_connection(policy, found, request), identity=found)
+        route = guard(request, host, path)
+        if isinstance(route, Refusal):
+            return CheckResult(_refused(route, found, policy.version), identity=found,
+                               host=host, path=path)
+        entry, hit = self._lookup(policy, found, route, request.headers, now)
+        if not entry.limits or self._limiter is None:
+            return CheckResult(entry.decision, hit, identity=found, host=host, path=path)
+        return await self._limit(entry, hit, found, route)
+
+    def _lookup(self, policy: CompiledPolicy, identity: Identity, route: Route,
+                headers: Mapping[str, str], now: float) -> tuple[CachedDecision, bool]:
+        """The cached entry for this request (and True), or a fresh one from the policy."""
         # The key part holds the issuer and every header/claim value (and the minute, for
         # time conditions) that the rules of this host read: see CompiledPolicy.cache_key_part.
         key = (
-            found.principal,
-            found.source,
-            method,
-            host,
-            path,
+            identity.principal,
+            identity.source,
+            route.method,
+            route.host,
+            route.path,
             policy.version,
-            policy.cache_key_part(host, request.headers, found, now),
+            policy.cache_key_part(route.host, headers, identity, now),
         )
-        decision = self._cache.get(key)
-        cache_hit = decision is not None
-        if decision is None:
-            decision = policy.evaluate(
-                found, host, method, path, headers=request.headers, now=now
-            ).decision
-            self._cache.put(key, decision)
-        if not decision.allowed or self._limiter is None:
-            return CheckResult(decision, cache_hit, identity=found)
-        return await self._apply_limits(policy, decision, cache_hit, found)
+        entry = self._cache.get(key)
+        if entry is not None:
+            return entry, True
+        decision = policy.evaluate(identity, route.host, route.method, route.path,
+                                   headers=headers, now=now).decision
+        entry = CachedDecision(decision, policy.limits(decision))
+        self._cache.put(key, entry)
+        return entry, False
 
-    def _connection(self, policy: CompiledPolicy, identity: Identity, request: Request) -> Decision:
-        compiled = self._connections
-        if compiled is None or compiled[0] is not policy:
-            table = compile_connections(
-                connection_rules(policy.documents), principal_ids(policy.principals)
-            )
-            self._connections = compiled = (policy, table)
-        port = destination_port(request.context_extensions)
-        if not port:
-            return Decision(
-                Outcome.FORBIDDEN,
-                Reason.MALFORMED_REQUEST,
-                "the check has no HTTP attributes and no destination port",
-                identity=identity,
-                policy_version=policy.version,
-            )
-        return compiled[1].evaluate(identity, port, request.host, policy.version)
-
-    async def _apply_limits(
-        self, policy: CompiledPolicy, decision: Decision, cache_hit: bool, identity: Identity
-    ) -> CheckResult:
+    async def _limit(self, entry: CachedDecision, hit: bool, identity: Identity,
+                     route: Route) -> CheckResult:
         assert self._limiter is not None
-        principal = decision.principal
-        items: list[tuple[str, Limit]] = []
-        declared = policy.declared_principal(decision.identity or principal)
-        if declared is not None and declared.limit is not None:
-            items.append((principal_key(principal), _limit(declared.limit)))
-        if decision.rule:
-            rule_limit = policy.rule_limit(decision.rule)
-            if rule_limit is not None:
-                items.append((rule_key(principal, decision.rule), _limit(rule_limit)))
-        if not items:
-            return CheckResult(decision, cache_hit, identity=identity)
-        result = await self._limiter.hit_many(items)
-        if not result.allowed:
-            # A backend failure under fail-closed is an outage (503), never the caller's 429.
-            outcome, reason, detail = (
-                (Outcome.UNAVAILABLE, Reason.RATELIMIT_UNAVAILABLE, "rate-limit backend down")
-                if result.backend_error
-                else (Outcome.RATE_LIMITED, Reason.RATE_LIMITED, "rate limit exceeded")
-            )
-            limited = replace(
-                decision,
-                outcome=outcome,
-                reason=reason,
-                detail=detail,
-                headers=rate_limit_headers(result),
-            )
-            return CheckResult(limited, cache_hit, result, identity)
-        return CheckResult(decision, cache_hit, result, identity)
+        result = await self._limiter.hit_many(entry.limits)
+        return CheckResult(limited(entry.decision, result), hit, result, identity, route.host,
+                           route.path)
 
 
-class InProcessLimiter:
-    """The local GCRA limiter behind the async Limiter interface (no I/O, never awaits)."""
+def limited(decision: Decision, result: LimitResult) -> Decision:
+    """The decision once the limiter answered: unchanged when it allows; a 429 when the caller
+    is over its limit; a 503 when the backend failed closed (an outage, never the caller's
+    429). Shared by the server and the offline tools' synchronous series."""
+    if result.allowed:
+        return decision
+    outcome, reason, detail = (
+        (Outcome.UNAVAILABLE, Reason.RATELIMIT_UNAVAILABLE, "rate-limit backend down")
+        if result.backend_error
+        else (Outcome.RATE_LIMITED, Reason.RATE_LIMITED, "rate limit exceeded")
+    )
+    return replace(decision, outcome=outcome, reason=reason, detail=detail,
+                   headers=rate_limit_headers(result))
 
-    def __init__(self, limiter: LocalLimiter) -> None:
-        self._limiter = limiter
 
-    async def hit_many(self, items: Sequence[tuple[str, Limit]]) -> LimitResult:
-        return self._limiter.hit_many(items)
+def _refused(refusal: Refusal, identity: Identity, version: str) -> Decision:
+    return Decision(Outcome.FORBIDDEN, refusal.reason, refusal.detail, identity=identity,
+                    policy_version=version)
+
+
+def _connection(policy: CompiledPolicy, identity: Identity, request: Request) -> Decision:
+    port = request.destination_port
+    if not port:
+        return Decision(
+            Outcome.FORBIDDEN,
+            Reason.MALFORMED_REQUEST,
+            "the check has no HTTP attributes and no destination port",
+            identity=identity,
+            policy_version=policy.version,
+        )
+    return policy.connections.evaluate(identity, port, request.host, policy.version)
 
 
 def _unauthenticated(found: IdentityFailure | None, version: str) -> Decision:

@@ -35,6 +35,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from extauthz.model import Outcome
 
@@ -320,6 +321,38 @@ class LocalLimiter:
             if len(self._heap) > 2 * len(tats) + 1024:
                 self._compact()
             return result
+
+
+class Limiter(Protocol):
+    """What the authorizer and the server's lifecycle need from a rate limiter.
+
+    `start` runs once before serving (connect, preload scripts); it may raise, and the server
+    then logs that the backend is unreachable and serves under the limiter's failure mode.
+    `aclose` runs once at shutdown. `hit_many` is per check: consume `cost` from every
+    (key, limit) only if all allow, and report the most restrictive result.
+    """
+
+    async def start(self) -> None: ...
+
+    async def hit_many(self, items: Sequence[tuple[str, Limit]], cost: int = 1) -> LimitResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+class InProcessLimiter:
+    """The local GCRA limiter behind the async Limiter interface (no I/O, never awaits)."""
+
+    def __init__(self, limiter: LocalLimiter) -> None:
+        self.local = limiter
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def hit_many(self, items: Sequence[tuple[str, Limit]], cost: int = 1) -> LimitResult:
+        return self.local.hit_many(items, cost)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the state is process memory."""
 
 
 class OverLimitCache:

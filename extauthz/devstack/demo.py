@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
+from extauthz import headers as names
 from extauthz.devstack.certs import CertificateAuthority, Credential
 from extauthz.devstack.stack import (
     DEFAULT_POLICY_DIR,
@@ -24,7 +25,7 @@ from extauthz.devstack.stack import (
 )
 
 TRUST_DOMAIN = "demo.local"
-REASON_HEADER = "x-extauthz-reason"
+REASON_HEADER = names.REASON
 
 WORKLOADS = {
     "checkout": "spiffe://demo.local/ns/shop/sa/checkout",
@@ -146,7 +147,7 @@ def run_demo(out: TextIO = sys.stdout, transport: Literal["grpc", "http"] = "htt
                 answer = resp.status
                 reason = resp.headers.get(REASON_HEADER, "")
                 if answer == 200:
-                    seen = resp.json().get("headers", {}).get("x-extauthz-principal", "")
+                    seen = resp.json().get("headers", {}).get(names.PRINCIPAL, "")
                     reason = _upstream_saw(seen, WORKLOADS.get(c.caller, ""))
             except TlsRefusedError:
                 answer, reason = TLS_REFUSED, "handshake refused by Envoy"

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from extauthz import headers as names
+
 INTERESTING_HEADERS = (
     "host",
-    "x-extauthz-principal",
-    "x-extauthz-rule",
-    "x-forwarded-client-cert",
+    names.PRINCIPAL,
+    names.RULE,
+    names.XFCC,
     "x-request-id",
 )
 MAX_BODY = 1 << 20

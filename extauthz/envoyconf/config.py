@@ -38,6 +38,8 @@ from typing import Any, Literal
 import betterproto2
 import yaml
 
+from extauthz import headers as names
+
 # envoy-data-plane's generated classes trip pydantic deprecation warnings at import time;
 # they are the library's business, not ours.
 with warnings.catch_warnings():
@@ -158,11 +160,11 @@ with warnings.catch_warnings():
     from envoy_data_plane.google.protobuf import Any as AnyMessage
     from envoy_data_plane.google.protobuf import Struct
 
-PRINCIPAL_HEADER = "x-extauthz-principal"
-RULE_HEADER = "x-extauthz-rule"
+PRINCIPAL_HEADER = names.PRINCIPAL
+RULE_HEADER = names.RULE
 # Headers only extauthz may set towards the upstream; a caller's copies are dropped.
-TRUSTED_HEADERS = (PRINCIPAL_HEADER, RULE_HEADER)
-REASON_HEADER = "x-extauthz-reason"
+TRUSTED_HEADERS = names.TRUSTED
+REASON_HEADER = names.REASON
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 NETWORK_EXT_AUTHZ_NAMESPACE = "envoy.filters.network.ext_authz"
 EXTAUTHZ_CLUSTER = "extauthz"
@@ -177,28 +179,6 @@ DEFAULT_ROUTE_NAME = "default"
 
 DEFAULT_CERTS_DIR = "/etc/extauthz/certs"
 
-# An HTTP header name as extauthz sets it (RFC 9110 token, lower case: Envoy's header maps are).
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")
-# Headers Envoy or extauthz itself rely on: renaming the principal header to one of them would
-# make the strip filter delete what authorization needs.
-_RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "authorization",
-        "x-forwarded-client-cert",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-request-id",
-        "traceparent",
-        "tracestate",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "te",
-        REASON_HEADER,
-    }
-)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -354,13 +334,13 @@ class SidecarConfig:
                     "--metadata-namespace or use --transport grpc"
                 )
         for name in self.authz_headers:
-            if not _HEADER_NAME.match(name):
+            if not names.is_header_name(name):
                 raise ValueError(f"authz header must be a lowercase header name: {name!r}")
         if self.authz_max_concurrent_streams < 0:
             raise ValueError("authz_max_concurrent_streams must not be negative")
         header = self.principal_header.strip().lower()
         object.__setattr__(self, "principal_header", header)
-        if header and (not _HEADER_NAME.match(header) or header in _RESERVED_HEADERS):
+        if header and names.settable_problem(header):
             raise ValueError(
                 f"principal header must be a plain header name extauthz alone sets "
                 f"(not a pseudo-header or one Envoy or extauthz relies on): {header!r}"

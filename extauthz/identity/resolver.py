@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from extauthz.identity.jwt import (
     DEFAULT_MAX_JSON_DEPTH,
@@ -40,10 +40,8 @@ from extauthz.identity.xfcc import (
     ElementCache,
     XfccError,
 )
+from extauthz.memo import Memo
 from extauthz.model import Identity, IdentityFailure, IdentitySource, Reason, Request
-
-if TYPE_CHECKING:
-    from extauthz.sources.jwks import JwksCache
 
 MAX_PRINCIPAL_LENGTH = 2048
 NOTES_CLAIM = "_notes"
@@ -337,13 +335,11 @@ class IdentityResolver:
         self,
         sources: Iterable[Source],
         config: IdentityConfig | None = None,
-        key_caches: Iterable[JwksCache] = (),
         *,
         memo_size: int = PRINCIPAL_MEMO_SIZE,
     ) -> None:
         self._sources = tuple(sources)
         self._config = config if config is not None else IdentityConfig()
-        self.key_caches = tuple(key_caches)
         names = {s.name for s in self._sources}
         self._xfcc_disabled = "xfcc" not in names
         # Token headers: when one is present the answer depends on more than the peer.
@@ -355,9 +351,9 @@ class IdentityResolver:
         builtin = all(isinstance(s, MtlsSource | XfccSource | JwtSource) for s in self._sources)
         self._memo_size = memo_size if builtin else 0
         # (principal, certificate, XFCC present) -> (answer, valid until or None).
-        self._memo: dict[
+        self._memo: Memo[
             tuple[str, str, bool], tuple[Identity | IdentityFailure | None, float | None]
-        ] = {}
+        ] = Memo(self._memo_size)
 
     @classmethod
     def from_config(
@@ -367,40 +363,13 @@ class IdentityResolver:
         keys: Mapping[str, KeyProvider] | None = None,
         memo_size: int = PRINCIPAL_MEMO_SIZE,
     ) -> IdentityResolver:
-        """Build the sources. JWKS caches not injected via `keys` are created here, unloaded:
-        call `start()` to load them and run their refreshers (until then JWTs fail closed)."""
-        # Imported here: fetching keys is edge I/O (urllib, ssl), kept out of the pure core.
-        from extauthz.sources.jwks import (  # noqa: PLC0415
-            JwksCache,
-            discovery_fetcher,
-            file_fetcher,
-            https_fetcher,
-        )
-
-        providers: dict[str, KeyProvider] = dict(keys or {})
-        owned: list[JwksCache] = []
-        for issuer in config.jwt_issuers:
-            if issuer.issuer in providers:
-                continue
-            if issuer.jwks_file:
-                fetch = file_fetcher(issuer.jwks_file)
-            elif issuer.jwks_url:
-                fetch = https_fetcher(issuer.jwks_url, timeout=issuer.jwks_timeout)
-            elif issuer.oidc_discovery:
-                fetch = discovery_fetcher(issuer.issuer, timeout=issuer.jwks_timeout)
-            else:
-                raise ValueError(
-                    f"jwt issuer {issuer.issuer!r}: no jwks_file, jwks_url or oidc_discovery"
-                )
-            cache = JwksCache(
-                fetch,
-                name=issuer.issuer,
-                refresh_interval=issuer.jwks_refresh_interval,
-                cooldown=issuer.jwks_cooldown,
-                stale_ttl=issuer.jwks_max_stale,
-            )
-            providers[issuer.issuer] = cache
-            owned.append(cache)
+        """Build the sources. `keys` holds each configured JWT issuer's key set: fetching
+        keys is edge I/O, so the caller builds and owns them (sources/jwks.py's KeySets) and
+        this core only reads them. An issuer without one is a configuration error."""
+        providers: Mapping[str, KeyProvider] = keys or {}
+        missing = [i.issuer for i in config.jwt_issuers if i.issuer not in providers]
+        if missing:
+            raise ValueError(f"jwt issuer {missing[0]!r}: no key set was given for it")
         mtls = MtlsSource(config)
         available: dict[str, Source] = {"mtls": mtls, "xfcc": XfccSource(config, mtls)}
         if config.jwt_issuers:
@@ -416,23 +385,7 @@ class IdentityResolver:
             )
             available["jwt"] = JwtSource(verifier, mtls)
         sources = [available[name] for name in config.order if name in available]
-        return cls(sources, config, owned, memo_size=memo_size)
-
-    def start(self) -> bool:
-        """Load every owned JWKS once (blocking, bounded by the fetch timeout), then start the
-        background refreshers. Returns whether every key set loaded."""
-        loaded = all([cache.refresh() for cache in self.key_caches])
-        for cache in self.key_caches:
-            cache.start()
-        return loaded
-
-    def stop(self) -> None:
-        for cache in self.key_caches:
-            cache.stop()
-
-    @property
-    def ready(self) -> bool:
-        return all(cache.ready for cache in self.key_caches)
+        return cls(sources, config, memo_size=memo_size)
 
     def resolve(self, request: Request, now: float) -> Identity | IdentityFailure | None:
         if self._memo_size:
@@ -482,12 +435,7 @@ class IdentityResolver:
             )
         else:
             entry = (answer, None)
-        if len(memo) >= self._memo_size:
-            try:
-                del memo[next(iter(memo))]
-            except (KeyError, RuntimeError, StopIteration):  # raced with another thread
-                memo.clear()
-        memo[key] = entry
+        memo.put(key, entry)
         return answer
 
     def resolve_detailed(self, request: Request, now: float) -> Resolution:

@@ -36,13 +36,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import IO, Any
 
-from extauthz.decide.pipeline import CheckResult, normalize_host
+from extauthz.decide.pipeline import CheckResult
 from extauthz.identity.resolver import NOTES_CLAIM
 from extauthz.model import Decision, Identity, IdentitySource, Reason, Request
-from extauthz.policy.paths import normalize_path
 
 log = logging.getLogger("extauthz.decision_log")
 
@@ -75,40 +73,25 @@ def clean(value: str, limit: int = DEFAULT_LIMIT) -> str:
     return value
 
 
-def safe_path(raw: str) -> str:
-    """The path as the policy saw it (normalized), never with its query or fragment."""
-    path = normalize_path(raw)
+def safe_path(request: Request, result: CheckResult) -> str:
+    """The path as the policy saw it (normalized by the check, never again here), never with
+    its query or fragment; the raw path without them when it did not normalize."""
+    path = result.path
     if path is None:
-        path = raw.split("?", 1)[0].split("#", 1)[0]
+        path = request.path.split("?", 1)[0].split("#", 1)[0]
     return clean(path, 1024)
 
 
-_HOSTS: dict[str, str] = {}  # raw Host -> safe form; a mesh sidecar sees a handful
-_MAX_HOSTS = 1024
-
-
-def safe_host(raw: str) -> str:
-    found = _HOSTS.get(raw)
-    if found is None:
-        host = normalize_host(raw)
-        found = clean(host if host is not None else raw, 255)
-        if len(_HOSTS) >= _MAX_HOSTS:
-            _HOSTS.clear()
-        _HOSTS[raw] = found
-    return found
-
-
-_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+def safe_host(request: Request, result: CheckResult) -> str:
+    """The host as the policy saw it (lowercase, no port); the raw one when malformed."""
+    host = result.host
+    return clean(host if host is not None else request.host, 255)
 
 
 def _time(ts: float) -> str:
-    """RFC 3339 UTC with microseconds; the date-time part is formatted once per second."""
-    global _second  # noqa: PLW0603 - a cache swapped as one tuple: safe across threads
+    """RFC 3339 UTC with microseconds (formatted in the writer thread, off the check path)."""
     sec = int(ts)
-    cached = _second
-    if cached[0] != sec:
-        cached = _second = (sec, datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{cached[1]}.{int((ts - sec) * 1e6):06d}Z"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(sec))}.{int((ts - sec) * 1e6):06d}Z"
 
 
 def token_lifetime(identity: Identity | None) -> int | None:
@@ -210,8 +193,8 @@ def record(
         else None,
         "issuer": clean(identity.issuer, 512) if identity and identity.issuer else None,
         "method": clean(request.method, 32) if request is not None and http else None,
-        "host": safe_host(request.host) if request is not None and http else None,
-        "path": safe_path(request.path) if request is not None and http else None,
+        "host": safe_host(request, result) if request is not None and http else None,
+        "path": safe_path(request, result) if request is not None and http else None,
         "decision": "allow" if decision.allowed else "deny",
         "status": decision.outcome.http_status,
         "reason": decision.reason.value,
@@ -269,8 +252,8 @@ def fast_line(item: _Item) -> str:
         ',"trust_domain":', _str(clean(i.trust_domain) if i and i.trust_domain else None),
         ',"issuer":', _str(clean(i.issuer, 512) if i and i.issuer else None),
         ',"method":', _str(clean(request.method, 32) if request is not None and http else None),
-        ',"host":', _str(safe_host(request.host) if request is not None and http else None),
-        ',"path":', _str(safe_path(request.path) if request is not None and http else None),
+        ',"host":', _str(safe_host(request, result) if request is not None and http else None),
+        ',"path":', _str(safe_path(request, result) if request is not None and http else None),
         ',"decision":', '"allow"' if d.allowed else '"deny"',
         ',"status":', str(d.outcome.http_status),
         ',"reason":', _quote(d.reason.value),

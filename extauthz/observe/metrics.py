@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from extauthz import __version__
 from extauthz.decide.pipeline import CheckResult
+from extauthz.memo import Memo
 from extauthz.model import Identity, Reason, Request
 from extauthz.observe.decision_log import clean
 from extauthz.policy.compiled import CompiledPolicy
@@ -85,7 +86,7 @@ class CheckMetrics:
         self.ratelimit_backend_errors = 0
         self.ratelimit_degraded = 0
         self._policies: _PolicySource | None = None
-        self._names: dict[str, str] = {}
+        self._names: Memo[str, str] = Memo(MAX_REMEMBERED_PRINCIPALS)
         self._names_version = ""
 
     def bind(self, policies: _PolicySource) -> None:
@@ -112,9 +113,7 @@ class CheckMetrics:
         name = self._names.get(key)
         if name is None:
             decl = policy.declared_principal(identity if identity is not None else principal)
-            name = decl.name if decl is not None else UNDECLARED
-            if len(self._names) < MAX_REMEMBERED_PRINCIPALS:
-                self._names[key] = name
+            name = self._names.put(key, decl.name if decl is not None else UNDECLARED)
         return name
 
     def observe(self, request: Request | None, result: CheckResult, seconds: float) -> None:

@@ -199,8 +199,8 @@ def span_attributes(request: Request | None, result: CheckResult) -> dict[str, A
         else:
             attrs["http.request.method"] = "_OTHER"
             attrs["http.request.method_original"] = clean(method, 32)
-        attrs["url.path"] = safe_path(request.path)
-        attrs["server.address"] = safe_host(request.host)
+        attrs["url.path"] = safe_path(request, result)
+        attrs["server.address"] = safe_host(request, result)
     return attrs
 
 

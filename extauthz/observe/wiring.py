@@ -16,17 +16,19 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from extauthz.decide.pipeline import CheckResult
 from extauthz.model import Request
 from extauthz.observe.decision_log import DecisionLog, open_decision_log
 from extauthz.observe.tracing import NO_TRACE, SpanRecorder
 from extauthz.observe.tracing_sdk import Tracing, recorder_for, setup_tracing
-from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.settings import Settings, SettingsError
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are enabled
+    from extauthz.app import App
     from extauthz.observe.metrics import CheckMetrics, MetricsServer
+    from extauthz.sources.jwks import JwksCache
 
 log = logging.getLogger("extauthz.observability")
 
@@ -62,17 +64,9 @@ class DecisionObserver:
             self.metrics.observe(request, result, seconds)
 
 
-def _key_caches(app: Any) -> Iterable[Any]:
-    """The JWKS caches: owned by the resolver built at start-up (`App.identity_root`). The
-    resolver the authorizer uses may be a later one (a revocation reload swaps it in) that
-    shares those caches without owning them, so its `key_caches` is empty."""
-    for resolver in (getattr(app, "identity_root", None),
-                     getattr(app, "identity", None),
-                     getattr(getattr(app, "authorizer", None), "identity", None)):
-        caches = tuple(getattr(resolver, "key_caches", ()))
-        if caches:
-            return caches
-    return ()
+def _key_caches(app: App) -> Iterable[JwksCache]:
+    """The JWKS caches, from their one owner (`App.keys`), whichever resolver serves."""
+    return app.keys.caches
 
 
 @dataclass
@@ -93,7 +87,7 @@ class Observability:
             return ()
         return (self.observer,)
 
-    def attach(self, app: Any) -> None:
+    def attach(self, app: App) -> None:
         """Bind metrics to the app (cache, policy store, JWKS) and start the endpoint."""
         if self.metrics is None:
             return
@@ -124,13 +118,6 @@ class Observability:
 
 def build_observers(settings: Settings, environ: Mapping[str, str] | None = None) -> Observability:
     """Everything issue 7 adds, from the settings (and the standard OTEL_* environment)."""
-    if not 0.0 <= settings.decision_log_sample_allowed <= 1.0:
-        raise SettingsError("decision_log_sample_allowed: must be between 0 and 1, not "
-                            f"{settings.decision_log_sample_allowed}")
-    if settings.metrics_listen:
-        host, _ = parse_listen_address(settings.metrics_listen)
-        if host == "unix":
-            raise SettingsError("metrics_listen: expected HOST:PORT, not a unix socket")
     tracing = setup_tracing(settings.tracing, os.environ if environ is None else environ)
     try:
         decision_log = open_decision_log(settings.decision_log,

@@ -1,281 +1,77 @@
 """The policy document: what service teams write, checked field by field.
 
-This module validates parsed YAML data (plain dicts and lists) into typed, immutable
-declarations. `load_yaml` parses text while recording the line of every key, so errors point
-at `file:line`. Reading files lives in `policy_store.py`; turning declarations into fast lookup
-structures lives in `matcher.py`. Unknown fields are errors, not warnings: a typo in a security
-policy (`alow:`) must never silently widen or narrow access. So are duplicate keys.
+`parse_document` validates parsed YAML data (plain dicts and lists, as `load_yaml` returns
+them with their lines) into the typed, immutable declarations of `decls.py`: principals, HTTP
+rules and connection rules, all through one `Reader`, one name syntax and one check of who a
+rule names, so every error says `file: field (line N)`. Reading files lives in
+sources/policy_store.py; turning declarations into lookup tables lives in compiled.py. Unknown
+fields are errors, not warnings: a typo in a security policy (`alow:`) must never silently
+widen or narrow access. So are duplicate keys.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import re2
-import yaml
 
 from extauthz.identity.spiffe import SpiffeIdError, SpiffePattern
-from extauthz.policy.conditions import Condition, ConditionError, compile_condition
-from extauthz.policy.connections import ConnectionPolicyError, ConnectionRuleDecl, parse_connections
+from extauthz.policy.conditions import ConditionError, compile_condition
+from extauthz.policy.decls import (
+    METHODS,
+    VAR,
+    WRITE_METHODS,
+    ConnectionRuleDecl,
+    HeaderMatch,
+    JwtMatch,
+    LimitDecl,
+    PathMatch,
+    PolicyDocument,
+    PrincipalDecl,
+    RuleDecl,
+)
+from extauthz.policy.reader import LineMap, PolicyError, Reader, line_of, load_yaml
+
+__all__ = [
+    "API_VERSION",
+    "METHODS",
+    "WRITE_METHODS",
+    "ConnectionRuleDecl",
+    "HeaderMatch",
+    "JwtMatch",
+    "LimitDecl",
+    "LineMap",
+    "PathMatch",
+    "PolicyDocument",
+    "PolicyError",
+    "PrincipalDecl",
+    "Reader",
+    "RuleDecl",
+    "line_of",
+    "load_yaml",
+    "parse_document",
+]
 
 API_VERSION = "extauthz/v1"
-METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
-)
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_REGEX_LENGTH = 1024
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")  # fixed, not author-supplied
-_VAR = re.compile(r"^\{([a-z_][a-z0-9_]{0,31})\}$")  # fixed: a `{name}` template segment
+# Names of principals, rules and connection rules. Fixed, not author-supplied.
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
+_NAME_RULE = "must be lowercase letters, digits, '.', '_' or '-'"
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,128}$")  # fixed: lowercase header token
 _CLAIM = re.compile(r"^[A-Za-z0-9_.:/@$-]{1,256}$")  # fixed
 _PERIOD = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _PERIOD_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _PATH_CHARS_REJECTED = "%\\?#"
-
-
-class PolicyError(ValueError):
-    """A policy that cannot be loaded; names the file, the field and (when known) the line."""
-
-    def __init__(self, source: str, field_path: str, message: str, line: int | None = None):
-        self.source = source
-        self.field_path = field_path
-        self.message = message
-        self.line = line
-        if field_path:
-            text = f"{source}: {field_path}: {message}"
-            if line is not None:
-                text += f" (line {line})"
-        else:
-            text = f"{source}:{line}: {message}" if line is not None else f"{source}: {message}"
-        super().__init__(text)
-
-    @property
-    def location(self) -> str:
-        return f"{self.source}:{self.line}" if self.line is not None else self.source
-
-
-# --- YAML with line numbers ------------------------------------------------------------------
-
-
-class LineMap(dict[str, Any]):
-    """A YAML mapping that remembers where it and each of its keys were written."""
-
-    line: int | None = None
-    key_lines: dict[str, int]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.key_lines = {}
-
-
-# libyaml's parser (CSafeLoader) is ~10x faster on a 10,000-rule policy; the constructors,
-# and so the safety of what is built, are the same Python SafeConstructor either way.
-_SafeBase: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _LineLoader(_SafeBase):  # type: ignore[misc]
-    pass
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineMap:
-    loader.flatten_mapping(node)
-    result = LineMap()
-    result.line = node.start_mark.line + 1
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str | int | float | bool) or key is None:
-            raise yaml.constructor.ConstructorError(
-                None, None, "mapping keys must be strings", key_node.start_mark
-            )
-        key = str(key)
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        result[key] = loader.construct_object(value_node, deep=True)
-        result.key_lines[key] = key_node.start_mark.line + 1
-    return result
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_yaml(text: bytes | str, source: str) -> object:
-    """Parse one YAML document; mappings come back as `LineMap`. Raises PolicyError."""
-    try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", exc)
-        raise PolicyError(source, "", f"invalid YAML: {problem}", line) from None
-    except UnicodeDecodeError:
-        raise PolicyError(source, "", "file is not UTF-8 text") from None
-
-
-def line_of(data: object, key: str | None = None) -> int | None:
-    if not isinstance(data, LineMap):
-        return None
-    if key is not None and key in data.key_lines:
-        return data.key_lines[key]
-    return data.line
-
-
-# --- declarations ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LimitDecl:
-    rate: int
-    period: float
-    burst: int
-
-
-@dataclass(frozen=True, slots=True)
-class JwtMatch:
-    """A caller known by a JWT of `issuer`: its `sub` and/or claims (all must match)."""
-
-    issuer: str
-    subject: str = ""  # "" = any subject of the issuer (then claims are required)
-    claims: tuple[tuple[str, str | int | bool], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class PrincipalDecl:
-    name: str
-    spiffe: str  # an exact SPIFFE ID or a SpiffePattern; "" when the principal is a `jwt`
-    owner: str
-    source: str
-    limit: LimitDecl | None = None
-    jwt: JwtMatch | None = None
-    line: int | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class PathMatch:
-    """`exact` / `prefix` (segment prefix), `template` / `template_prefix` (with `{name}`
-    segments) or `regex` (RE2, matched against the whole normalized path)."""
-
-    kind: str
-    value: str
-
-    @property
-    def segments(self) -> tuple[str, ...]:
-        """Template segments; a `{name}` segment is returned as "" (matches one segment)."""
-        if self.value == "/":
-            return ()
-        return tuple("" if _VAR.match(s) else s for s in self.value.split("/")[1:])
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderMatch:
-    name: str  # lowercase
-    kind: str  # "exact" | "present" | "absent" | "regex"
-    value: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class RuleDecl:
-    name: str
-    hosts: tuple[str, ...]
-    methods: frozenset[str]  # empty = any method
-    path: PathMatch
-    allow: tuple[str, ...]
-    deny: tuple[str, ...]
-    mode: str  # "enforce" | "dry-run"
-    limit: LimitDecl | None
-    source: str
-    owner: str
-    headers: tuple[HeaderMatch, ...] = ()
-    when: str = ""
-    condition: Condition | None = field(default=None, compare=False)
-    line: int | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyDocument:
-    source: str
-    owner: str
-    service: str
-    hosts: tuple[str, ...]
-    principals: tuple[PrincipalDecl, ...]
-    rules: tuple[RuleDecl, ...]
-    # Which principals may open TCP connections (Envoy's network ext_authz filter).
-    connections: tuple[ConnectionRuleDecl, ...] = ()
-
-
-@dataclass(slots=True)
-class _Reader:
-    """Walks one mapping, remembering the field path (and lines) for error messages."""
-
-    source: str
-    path: str
-    data: Mapping[str, object]
-    line: int | None = None
-    lines: Mapping[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, source: str, path: str, data: Mapping[str, object]) -> _Reader:
-        if isinstance(data, LineMap):
-            return cls(source, path, data, data.line, data.key_lines)
-        return cls(source, path, data)
-
-    def error(self, key: str, message: str) -> PolicyError:
-        where = f"{self.path}.{key}" if self.path else key
-        return PolicyError(self.source, where, message, self.lines.get(key, self.line))
-
-    def reject_unknown(self, allowed: set[str]) -> None:
-        for key in self.data:
-            if key not in allowed:
-                raise self.error(str(key), f"unknown field (allowed: {', '.join(sorted(allowed))})")
-
-    def string(self, key: str, *, required: bool = True, default: str = "") -> str:
-        value = self.data.get(key)
-        if value is None:
-            if required:
-                raise self.error(key, "is required")
-            return default
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(key, "must be a non-empty string")
-        return value
-
-    def string_list(
-        self, key: str, *, required: bool = False, list_only: bool = False
-    ) -> tuple[str, ...]:
-        value = self.data.get(key)
-        if value is None:
-            if required:
-                raise self.error(key, "is required")
-            return ()
-        if isinstance(value, str):
-            if list_only:  # who may call is never a bare word: `allow: checkout` is a typo
-                raise self.error(key, f"must be a list: write [{value}]")
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(key, "must be a list of non-empty strings")
-        return tuple(value)
-
-    def child(self, key: str, value: object, index: int | None = None) -> _Reader:
-        where = f"{self.path}.{key}" if self.path else key
-        if index is not None:
-            where = f"{where}[{index}]"
-        if not isinstance(value, Mapping):
-            line = self.lines.get(key, self.line)
-            raise PolicyError(self.source, where, "must be a mapping", line)
-        reader = _Reader.of(self.source, where, value)
-        if reader.line is None:
-            reader.line = self.lines.get(key, self.line)
-        return reader
+_CONNECTION_FIELDS = {"name", "ports", "sni", "allow"}
 
 
 def parse_document(data: object, source: str) -> PolicyDocument:
     """Validate one parsed policy file. Raises PolicyError naming file, field and line."""
     if not isinstance(data, Mapping):
         raise PolicyError(source, "", "a policy file must be a YAML mapping")
-    top = _Reader.of(source, "", data)
+    top = Reader.of(source, "", data)
     top.reject_unknown(
         {"apiVersion", "owner", "service", "hosts", "principals", "rules", "connections"}
     )
@@ -301,20 +97,17 @@ def parse_document(data: object, source: str) -> PolicyDocument:
         raise top.error("rules", "must be a list")
     for i, raw in enumerate(raw_rules):
         rules.append(_rule(top.child("rules", raw, i), hosts, owner))
-    try:
-        connections = parse_connections(data.get("connections"))
-    except ConnectionPolicyError as exc:
-        raise PolicyError(source, exc.field, exc.message, line_of(data, "connections")) from None
+    connections = _connections(top)
     return PolicyDocument(
         source, owner, service, hosts, tuple(principals), tuple(rules), connections
     )
 
 
-def _hosts(reader: _Reader, raw: tuple[str, ...]) -> tuple[str, ...]:
+def _hosts(reader: Reader, raw: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_host(reader, h) for h in raw))  # `a` and `a:8443` are one
 
 
-def _host(reader: _Reader, host: str) -> str:
+def _host(reader: Reader, host: str) -> str:
     """Hosts are compared lowercase and without a port (`orders:8443` is `orders`)."""
     lowered = host.strip().lower()
     if lowered.startswith("["):
@@ -327,11 +120,9 @@ def _host(reader: _Reader, host: str) -> str:
     return name
 
 
-def _principal(reader: _Reader, default_owner: str) -> PrincipalDecl:
+def _principal(reader: Reader, default_owner: str) -> PrincipalDecl:
     reader.reject_unknown({"name", "spiffe", "jwt", "owner", "limit"})
-    name = reader.string("name")
-    if not _NAME.match(name):
-        raise reader.error("name", "must be lowercase letters, digits, '.', '_' or '-'")
+    name = _name(reader)
     has_spiffe, has_jwt = reader.data.get("spiffe") is not None, reader.data.get("jwt") is not None
     if has_spiffe == has_jwt:
         raise reader.error("spiffe", "exactly one of 'spiffe' or 'jwt' is required")
@@ -345,7 +136,7 @@ def _principal(reader: _Reader, default_owner: str) -> PrincipalDecl:
     return PrincipalDecl(name, spiffe, owner, reader.source, _limit(reader), jwt, reader.line)
 
 
-def _jwt(reader: _Reader) -> JwtMatch:
+def _jwt(reader: Reader) -> JwtMatch:
     reader.reject_unknown({"issuer", "subject", "claims"})
     issuer = reader.string("issuer")
     subject = reader.string("subject", required=False)
@@ -370,7 +161,7 @@ def _jwt(reader: _Reader) -> JwtMatch:
     return JwtMatch(issuer, subject, tuple(sorted(claims)))
 
 
-def _spiffe_pattern(reader: _Reader, key: str, value: str) -> SpiffePattern:
+def _spiffe_pattern(reader: Reader, key: str, value: str) -> SpiffePattern:
     try:
         return SpiffePattern.parse(value)
     except SpiffeIdError as exc:
@@ -393,11 +184,9 @@ _RULE_FIELDS = {
 }
 
 
-def _rule(reader: _Reader, default_hosts: tuple[str, ...], owner: str) -> RuleDecl:
+def _rule(reader: Reader, default_hosts: tuple[str, ...], owner: str) -> RuleDecl:
     reader.reject_unknown(_RULE_FIELDS)
-    name = reader.string("name")
-    if not _NAME.match(name):
-        raise reader.error("name", "must be lowercase letters, digits, '.', '_' or '-'")
+    name = _name(reader)
     hosts = _hosts(reader, reader.string_list("hosts")) or default_hosts
     methods = frozenset(m.upper() for m in reader.string_list("methods"))
     for m in methods:
@@ -416,14 +205,8 @@ def _rule(reader: _Reader, default_hosts: tuple[str, ...], owner: str) -> RuleDe
     deny = reader.string_list("deny", list_only=True)
     if not allow and not deny:
         raise reader.error("allow", "a rule needs 'allow' or 'deny' (default is deny)")
-    for who_key, who in (("allow", allow), ("deny", deny)):
-        for entry in who:
-            if entry.startswith("spiffe://"):
-                _spiffe_pattern(reader, who_key, entry)
-            elif entry != "*" and not _NAME.match(entry):
-                raise reader.error(
-                    who_key, f"{entry!r} is neither a principal name nor a SPIFFE ID"
-                )
+    _callers(reader, "allow", allow)
+    _callers(reader, "deny", deny)
     mode = reader.string("mode", required=False, default="enforce")
     if mode not in ("enforce", "dry-run"):
         raise reader.error("mode", "must be 'enforce' or 'dry-run'")
@@ -445,7 +228,7 @@ def _rule(reader: _Reader, default_hosts: tuple[str, ...], owner: str) -> RuleDe
     )
 
 
-def _path(reader: _Reader) -> PathMatch:
+def _path(reader: Reader) -> PathMatch:
     given = [k for k in ("path", "path_prefix", "path_regex") if reader.data.get(k) is not None]
     if len(given) != 1:
         raise reader.error(
@@ -472,7 +255,7 @@ def _path(reader: _Reader) -> PathMatch:
     names = []
     for seg in segments:
         if "{" in seg or "}" in seg:
-            var = _VAR.match(seg)
+            var = VAR.match(seg)
             if var is None:
                 raise reader.error(
                     key,
@@ -496,7 +279,7 @@ def _quiet_re2() -> Any:
 _QUIET_RE2 = _quiet_re2()
 
 
-def compile_re2(reader: _Reader, key: str, pattern: str) -> Any:
+def compile_re2(reader: Reader, key: str, pattern: str) -> Any:
     try:
         return re2.compile(pattern, _QUIET_RE2)
     except re2.error as exc:
@@ -506,7 +289,7 @@ def compile_re2(reader: _Reader, key: str, pattern: str) -> Any:
         raise reader.error(key, f"invalid RE2 regular expression {pattern!r}: {detail}") from None
 
 
-def _headers(reader: _Reader) -> tuple[HeaderMatch, ...]:
+def _headers(reader: Reader) -> tuple[HeaderMatch, ...]:
     raw = reader.data.get("headers")
     if raw is None:
         return ()
@@ -543,7 +326,7 @@ def _headers(reader: _Reader) -> tuple[HeaderMatch, ...]:
     return tuple(out)
 
 
-def _limit(reader: _Reader) -> LimitDecl | None:
+def _limit(reader: Reader) -> LimitDecl | None:
     raw = reader.data.get("limit")
     if raw is None:
         return None
@@ -561,3 +344,55 @@ def _limit(reader: _Reader) -> LimitDecl | None:
     if not isinstance(burst, int) or isinstance(burst, bool) or burst <= 0:
         raise lim.error("burst", "must be a positive integer")
     return LimitDecl(rate, period, burst)
+
+
+def _name(reader: Reader) -> str:
+    name = reader.string("name")
+    if not _NAME.match(name):
+        raise reader.error("name", _NAME_RULE)
+    return name
+
+
+def _callers(reader: Reader, key: str, entries: tuple[str, ...]) -> None:
+    """Who an allow/deny list names: `*`, a SPIFFE ID or pattern, or a principal's name (its
+    declaration is looked up when compiling, across all documents)."""
+    for entry in entries:
+        if entry.startswith("spiffe://"):
+            _spiffe_pattern(reader, key, entry)
+        elif entry != "*" and not _NAME.match(entry):
+            raise reader.error(key, f"{entry!r} is neither a principal name nor a SPIFFE ID")
+
+
+def _connections(top: Reader) -> tuple[ConnectionRuleDecl, ...]:
+    """The document's `connections:` (rules for Envoy's network ext_authz filter)."""
+    raw = top.data.get("connections")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise top.error("connections", "must be a list")
+    rules: dict[str, ConnectionRuleDecl] = {}
+    for i, item in enumerate(raw):
+        reader = top.child("connections", item, i)
+        reader.reject_unknown(_CONNECTION_FIELDS)
+        name = _name(reader)
+        if name in rules:
+            raise reader.error("name", f"rule name {name!r} is used twice")
+        ports = reader.data.get("ports")
+        if isinstance(ports, int) and not isinstance(ports, bool):
+            ports = [ports]
+        if not isinstance(ports, list) or not ports or not all(_port(p) for p in ports):
+            raise reader.error("ports", "must be a list of ports (1-65535)")
+        sni = reader.string_list("sni")
+        allow = reader.string_list("allow", list_only=True)
+        if not allow:
+            raise reader.error("allow", "is required (default is deny)")
+        _callers(reader, "allow", allow)
+        rules[name] = ConnectionRuleDecl(
+            name, frozenset(ports), frozenset(s.lower() for s in sni), allow,
+            reader.source, reader.line,
+        )
+    return tuple(rules.values())
+
+
+def _port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 65535

@@ -1,19 +1,16 @@
 """Who a rule names: SPIFFE IDs, segment-aware SPIFFE patterns, JWT issuer/subject/claims.
 
-Shared by HTTP rules (matcher.py) and connection rules (network_policy.py), so both answer
+Shared by HTTP rules (compiled.py) and connection rules (connections.py), so both answer
 "is this caller on the list?" the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from extauthz.identity.spiffe import SpiffeIdError, SpiffePattern, parse_spiffe_id
 from extauthz.model import Identity, IdentitySource
-
-if TYPE_CHECKING:
-    from extauthz.policy.document import JwtMatch
+from extauthz.policy.decls import JwtMatch
 
 
 def jwt_matches(match: JwtMatch, identity: Identity) -> bool:

@@ -18,14 +18,14 @@ import ssl
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
-from extauthz.identity.jwt import JwkKey, KeyProvider
+from extauthz.identity.jwt import JwkKey, JwtIssuerConfig, KeyProvider
 
 log = logging.getLogger(__name__)
 
@@ -352,3 +352,59 @@ class JwksCache:
                 log.exception("JWKS %s: refresher error", self.name)
             self._wake.wait(timeout=max(0.05, min(self.seconds_until_due(), self.refresh_interval)))
             self._wake.clear()
+
+
+class KeySets:
+    """The one owner of every JWKS cache: one per configured JWT issuer, built from its
+    `jwks_file`, `jwks_url` or `oidc_discovery` setting. The server's edge builds it, hands
+    `providers` to the identity core (which never fetches anything itself), starts it before
+    serving and stops it at shutdown. A revocation reload builds a new resolver over the same
+    providers, so no key set is ever refetched or orphaned."""
+
+    def __init__(self, caches: Iterable[JwksCache] = ()) -> None:
+        self.caches = tuple(caches)
+
+    @classmethod
+    def for_issuers(cls, issuers: Iterable[JwtIssuerConfig]) -> KeySets:
+        """Unloaded caches (JWTs of an issuer fail closed until `start` loads its keys)."""
+        caches = []
+        for issuer in issuers:
+            if issuer.jwks_file:
+                fetch = file_fetcher(issuer.jwks_file)
+            elif issuer.jwks_url:
+                fetch = https_fetcher(issuer.jwks_url, timeout=issuer.jwks_timeout)
+            elif issuer.oidc_discovery:
+                fetch = discovery_fetcher(issuer.issuer, timeout=issuer.jwks_timeout)
+            else:
+                raise ValueError(
+                    f"jwt issuer {issuer.issuer!r}: no jwks_file, jwks_url or oidc_discovery"
+                )
+            caches.append(JwksCache(
+                fetch,
+                name=issuer.issuer,
+                refresh_interval=issuer.jwks_refresh_interval,
+                cooldown=issuer.jwks_cooldown,
+                stale_ttl=issuer.jwks_max_stale,
+            ))
+        return cls(caches)
+
+    @property
+    def providers(self) -> dict[str, KeyProvider]:
+        """Issuer -> its key set, for `IdentityResolver.from_config(keys=...)`."""
+        return {cache.name: cache for cache in self.caches}
+
+    def start(self) -> bool:
+        """Load every key set once (blocking, bounded by the fetch timeout), then start the
+        background refreshers. Returns whether every key set loaded."""
+        loaded = all([cache.refresh() for cache in self.caches])
+        for cache in self.caches:
+            cache.start()
+        return loaded
+
+    def stop(self) -> None:
+        for cache in self.caches:
+            cache.stop()
+
+    @property
+    def ready(self) -> bool:
+        return all(cache.ready for cache in self.caches)

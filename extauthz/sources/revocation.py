@@ -46,6 +46,11 @@ def load_revocations(path: Path) -> Revocations:
         raw = path.read_bytes()
     except OSError as exc:
         raise RevocationError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not raw.strip():
+        # Fail closed: an empty file is what a reload sees while the file is being rewritten
+        # (truncated, not yet written), and taking it as "nothing is revoked" would let every
+        # revoked caller back in until the next change. Clearing the list is explicit.
+        raise RevocationError(f"{path}: empty (write 'principals: []' to clear the list)")
     try:
         data = yaml.safe_load(raw) or {}
     except yaml.YAMLError as exc:

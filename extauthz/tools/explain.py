@@ -1,7 +1,8 @@
 """Answer "why was this request allowed or denied?" with the matcher's own logic.
 
-`decide` runs a request through the real `Authorizer` (the same normalization, method checks,
-policy evaluation and GCRA rate limits as the server, minus the cache); a series of calls on
+`decide` runs a request through the server's own synchronous `decide` (the same guards and
+policy evaluation as `Authorizer.check`) and its GCRA limiter, minus the cache, with no event
+loop; a series of calls on
 an injected clock shows when a limit bites ("the 11th call in one second is 429"). `explain`
 adds a trace of every rule on the request's host: whether its route matched (membership in
 the matcher's own candidate list), how its headers and `when` condition came out, and
@@ -11,14 +12,13 @@ whether its allow/deny lists name the caller. The final decision always comes fr
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from extauthz.decide.cache import DecisionCache
-from extauthz.decide.pipeline import Authorizer, InProcessLimiter, normalize_host
+from extauthz.decide import pipeline
+from extauthz.decide.guards import normalize_host
 from extauthz.decide.ratelimit import LocalLimiter
 from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, SpiffePattern, parse_spiffe_id
 from extauthz.model import EMPTY, Decision, Identity, IdentitySource, Reason, Request
@@ -104,21 +104,6 @@ def _spiffe(principal: str) -> SpiffeId:
                           f"valid SPIFFE ID: {exc}") from None
 
 
-class _Holder:
-    def __init__(self, policy: CompiledPolicy) -> None:
-        self.current: CompiledPolicy | None = policy
-
-
-class _Resolver:
-    """Stands in for IdentityResolver: the caller is given, not verified."""
-
-    def __init__(self, identity: Identity) -> None:
-        self.identity = identity
-
-    def resolve(self, _request: Request, _now: float) -> Identity:
-        return self.identity
-
-
 class _Clock:
     """The injected clock: the rate limiter sees the time of each call of a series."""
 
@@ -136,22 +121,20 @@ def decide_series(policy: CompiledPolicy, probe: Probe) -> tuple[list[Decision],
     identity = caller_identity(policy, probe.principal, probe.claims)
     start = probe.now if probe.now is not None else time.time()
     clock = _Clock(start)
-    limiter = InProcessLimiter(LocalLimiter(clock, max_keys=1024))
-    authz = Authorizer(_Holder(policy), _Resolver(identity),  # type: ignore[arg-type]
-                       DecisionCache(0, 0, clock), clock, limiter)
+    limiter = LocalLimiter(clock, max_keys=1024)
     request = Request(method=probe.method, host=probe.host, path=probe.path,
                       headers={k.lower(): v for k, v in probe.headers.items()},
                       source_principal=identity.principal)
     step = probe.over / (probe.calls - 1) if probe.calls > 1 else 0.0
-
-    async def series() -> list[Decision]:
-        answers = []
-        for i in range(probe.calls):
-            clock.now = start + i * step
-            answers.append((await authz.check(request)).decision)
-        return answers
-
-    return asyncio.run(series()), identity
+    answers = []
+    for i in range(probe.calls):
+        clock.now = start + i * step
+        decision = pipeline.decide(policy, identity, request, clock.now)
+        limits = policy.limits(decision)
+        if limits:
+            decision = pipeline.limited(decision, limiter.hit_many(limits))
+        answers.append(decision)
+    return answers, identity
 
 
 def decide(policy: CompiledPolicy, probe: Probe) -> tuple[Decision, Identity]:

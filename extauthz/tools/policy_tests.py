@@ -39,7 +39,7 @@ from pathlib import Path
 
 from extauthz.model import Decision, Reason
 from extauthz.policy.compiled import CompiledPolicy
-from extauthz.policy.document import LineMap, PolicyError, _Reader, load_yaml
+from extauthz.policy.reader import LineMap, PolicyError, Reader, load_yaml
 from extauthz.sources.policy_store import TEST_SUFFIXES
 from extauthz.tools.explain import (
     MAX_CALLS,
@@ -130,7 +130,7 @@ def load_cases(path: Path, source: str, policy: CompiledPolicy) -> list[Case]:
     data = load_yaml(path.read_bytes(), source)
     if not isinstance(data, Mapping):
         raise PolicyError(source, "", "a policy test file must be a YAML mapping")
-    top = _Reader.of(source, "", data)
+    top = Reader.of(source, "", data)
     top.reject_unknown({"apiVersion", "host", "cases"})
     host = top.string("host", required=False) or _default_host(policy, source)
     raw_cases = data.get("cases")
@@ -158,7 +158,7 @@ def _default_host(policy: CompiledPolicy, source: str) -> str:
     return ""
 
 
-def _case(r: _Reader, host: str) -> Case:
+def _case(r: Reader, host: str) -> Case:
     r.reject_unknown(_CASE_FIELDS)
     name = r.string("name")
     headers = _str_map(r, "headers")
@@ -188,7 +188,7 @@ def _case(r: _Reader, host: str) -> Case:
     )
 
 
-def _series(r: _Reader) -> tuple[int, float]:
+def _series(r: Reader) -> tuple[int, float]:
     """`calls: 11` and `over: 1s`: the case sends that many identical requests through the
     rate limiter on an injected clock, and `expect` is the last call's answer."""
     calls = r.data.get("calls", 1)
@@ -217,7 +217,7 @@ def _plain_value(value: object) -> object:
     return value
 
 
-def _str_map(r: _Reader, key: str) -> dict[str, str]:
+def _str_map(r: Reader, key: str) -> dict[str, str]:
     raw = r.data.get(key)
     if raw is None:
         return {}
@@ -226,7 +226,7 @@ def _str_map(r: _Reader, key: str) -> dict[str, str]:
     return {str(k).lower(): str(v) for k, v in raw.items()}
 
 
-def _time(r: _Reader) -> float | None:
+def _time(r: Reader) -> float | None:
     raw = r.data.get("time")
     if raw is None:
         return None
@@ -242,7 +242,7 @@ def _time(r: _Reader) -> float | None:
     raise r.error("time", "must be an ISO 8601 time like 2025-01-06T10:00:00Z")
 
 
-def _expect(r: _Reader) -> Expect:
+def _expect(r: Reader) -> Expect:
     raw = r.data.get("expect")
     if isinstance(raw, str):
         raw = {"decision": raw}

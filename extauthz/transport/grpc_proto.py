@@ -16,11 +16,11 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from extauthz import headers as names
 from extauthz.model import Decision, Outcome, Request
-from extauthz.policy.connections import DESTINATION_ADDRESS, DESTINATION_PORT
 
 METADATA_PRINCIPAL = "principal"
-REASON_HEADER = "x-extauthz-reason"
+REASON_HEADER = names.REASON
 
 _GRPC_CODE = {
     Outcome.ALLOW: code_pb2.OK,
@@ -36,10 +36,10 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 class ResponseOptions:
     """What the OK response tells the upstream (configurable per deployment)."""
 
-    principal_header: str = "x-extauthz-principal"
+    principal_header: str = names.PRINCIPAL
     rule_header: str = ""
     # Headers a caller must never be able to set itself; removed on every allowed request.
-    strip_headers: tuple[str, ...] = ("x-extauthz-principal", "x-extauthz-rule")
+    strip_headers: tuple[str, ...] = names.TRUSTED
     # Tell the upstream how much of the caller's rate-limit budget is left
     # (`ratelimit-limit/-remaining/-reset` on the upstream request) when a limit applied.
     budget_headers: bool = False
@@ -107,28 +107,25 @@ def _network_request(attrs: attribute_context_pb2.AttributeContext) -> Request:
     """A check from Envoy's network (TCP) ext_authz filter: no HTTP attributes, one per
     connection. What identifies the service is where the connection arrived (the listener's
     port) and the TLS SNI the caller asked for; both come from Envoy, and are carried as the
-    request's host (SNI) and the `destination_port` / `destination_address` context values
-    (the network filter sends no context_extensions of its own)."""
+    request's host (SNI) and its `destination_port` / `destination_address`."""
     source = attrs.source
     dest = attrs.destination.address.socket_address
-    context = dict(attrs.context_extensions)
-    if dest.port_value:
-        context[DESTINATION_PORT] = str(dest.port_value)
-        context[DESTINATION_ADDRESS] = dest.address
     return Request(
         host=attrs.tls_session.sni if attrs.HasField("tls_session") else "",
         source_principal=source.principal,
         peer_certificate=source.certificate,
         source_address=source.address.socket_address.address,
         is_http=False,
-        context_extensions=context,
+        context_extensions=attrs.context_extensions,
+        destination_port=dest.port_value,
+        destination_address=dest.address if dest.port_value else "",
     )
 
 
 def is_network_check(request: Request) -> bool:
     """A check from the network ext_authz filter (no HTTP attributes, a destination port); a
     check that is neither HTTP nor that keeps getting HTTP-shaped denials."""
-    return not request.is_http and DESTINATION_PORT in request.context_extensions
+    return not request.is_http and request.destination_port > 0
 
 
 def to_network_response(decision: Decision) -> ea.CheckResponse:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from extauthz.app import App, Stats, strip_headers_of
 from extauthz.decide.pipeline import CheckResult
 from extauthz.decide.ratelimit import rate_limit_headers
+from extauthz.memo import Memo
 from extauthz.model import Outcome, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 from extauthz.transport.grpc_proto import (
@@ -57,7 +58,7 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
         self._app = app
         self._options = options
         # Responses by the decision fields they are built from (see _respond); bounded.
-        self._responses: dict[tuple[object, ...], ea.CheckResponse] = {}
+        self._responses: Memo[tuple[object, ...], ea.CheckResponse] = Memo(RESPONSE_MEMO_SIZE)
 
     @property
     def stats(self) -> Stats:
@@ -86,10 +87,7 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
         )
         response = self._responses.get(key)
         if response is None:
-            response = to_response(decision, self._options)
-            if len(self._responses) >= RESPONSE_MEMO_SIZE:
-                self._responses.clear()
-            self._responses[key] = response
+            response = self._responses.put(key, to_response(decision, self._options))
         return response
 
     async def Check(self, check: ea.CheckRequest, context: Any) -> ea.CheckResponse:

@@ -57,6 +57,7 @@ from extauthz.decide.pipeline import REALM, CheckResult
 from extauthz.decide.ratelimit import rate_limit_headers
 from extauthz.identity.resolver import www_authenticate
 from extauthz.identity.xfcc import XfccError, parse_xfcc, sidecar_element
+from extauthz.memo import Memo
 from extauthz.model import Decision, IdentityFailure, IdentitySource, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
 from extauthz.transport.listeners import BindError, reuse_port
@@ -243,14 +244,11 @@ def peer_from_xfcc(value: str) -> Peer:
     return Peer(principal=element.uri, certificate=element.cert)
 
 
-_NAMES: dict[bytes, str] = {}  # raw header name -> lowercase str: a mesh sends few names
+HEADER_NAME_MEMO_SIZE = 1024  # raw header name -> lowercase str: a mesh sends few names
 
 
 def _name(raw: bytes) -> str:
-    key = raw.decode("latin-1").lower()
-    if len(_NAMES) < 1024:
-        _NAMES[raw] = key
-    return key
+    return raw.decode("latin-1").lower()
 
 
 class _Refused(Exception):
@@ -302,6 +300,7 @@ class CheckConnection(asyncio.Protocol):
 
     def __init__(self, server: HttpCheckServer) -> None:
         self._server = server
+        self._names = server.header_names
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
@@ -388,9 +387,9 @@ class CheckConnection(asyncio.Protocol):
         self._count += 1
         if self._count > self._server.limits.max_headers:
             raise _Refused(431, f"more than {self._server.limits.max_headers} headers")
-        key = _NAMES.get(name)
+        key = self._names.get(name)
         if key is None:
-            key = _name(name)
+            key = self._names.put(name, _name(name))
         text = value.decode("utf-8", "replace")
         headers = self._headers
         if key in headers:
@@ -571,7 +570,8 @@ class HttpCheckServer:
         self.connections: set[CheckConnection] = set()
         self.tasks: set[asyncio.Task[CheckResult]] = set()
         self.draining = False
-        self._peers: dict[str, Peer] = {}
+        self._peers: Memo[str, Peer] = Memo(XFCC_MEMO_SIZE)
+        self.header_names: Memo[bytes, str] = Memo(HEADER_NAME_MEMO_SIZE)
 
     def peer(self, xfcc: str) -> Peer:
         """The XFCC value's peer, memoized: a mesh has few callers, parsing costs more."""
@@ -579,9 +579,7 @@ class HttpCheckServer:
         if found is None:
             found = peer_from_xfcc(xfcc)
             if len(xfcc) <= XFCC_MEMO_MAX_VALUE:  # entries x size stays bounded (~16 MiB)
-                if len(self._peers) >= XFCC_MEMO_SIZE:
-                    self._peers.clear()
-                self._peers[xfcc] = found
+                self._peers.put(xfcc, found)
         return found
 
     def refuse_peer(self, transport: asyncio.Transport) -> str:

@@ -47,31 +47,13 @@ class TlsConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TlsConfig | None:
-        """None when no TLS is configured; SettingsError for a partial or unsafe setup."""
+        """None when no TLS is configured. The settings were validated when made (all or
+        none, valid client patterns); what is left to check needs I/O: the files are read
+        now, so an unreadable one fails start-up, not the first handshake."""
         cert, key, ca = settings.tls_cert, settings.tls_key, settings.tls_client_ca
-        allowed = settings.tls_allowed_clients
-        given = {"tls_cert": cert, "tls_key": key, "tls_client_ca": ca}
-        if not any(given.values()) and not allowed:
+        if not cert:
             return None
-        missing = [name for name, value in given.items() if not value]
-        if missing:
-            raise SettingsError(
-                f"{', '.join(missing)}: required with TLS (server certificate, key and the CA "
-                "that issued the clients' certificates: TLS here always means mutual TLS)"
-            )
-        if not allowed:
-            raise SettingsError(
-                "tls_allowed_clients: required with TLS: the SPIFFE IDs (or patterns) of the "
-                "Envoys that may call extauthz"
-            )
-        patterns = []
-        for entry in allowed:
-            try:
-                patterns.append(SpiffePattern.parse(entry))
-            except SpiffeIdError as exc:
-                raise SettingsError(
-                    f"tls_allowed_clients: invalid SPIFFE ID or pattern {entry!r}: {exc}"
-                ) from None
+        patterns = [SpiffePattern.parse(entry) for entry in settings.tls_allowed_clients]
         config = cls(Path(str(cert)), Path(str(key)), Path(str(ca)), tuple(patterns))
         config.read()  # fail at start-up, not at the first handshake
         return config

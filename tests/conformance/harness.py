@@ -376,7 +376,7 @@ def build_harness(
                              tracing=False, listen=(), http_listen=("127.0.0.1:0",)),
                     clock=clock)
     assert app.store.reload(), "conformance policy did not load"
-    for cache in app.identity_root.key_caches:
+    for cache in app.keys.caches:
         assert cache.refresh(), "conformance JWKS did not load"
     loop = asyncio.new_event_loop()
     edge = TRANSPORTS[transport](app, loop)
@@ -384,7 +384,7 @@ def build_harness(
         yield Harness(app, clock, edge)
     finally:
         edge.close()
-        app.identity_root.stop()
+        app.keys.stop()
         loop.close()
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.decide.pipeline import InProcessLimiter
-from extauthz.decide.ratelimit import LimitResult, LocalLimiter
+from extauthz.decide.ratelimit import InProcessLimiter, LimitResult, LocalLimiter
 from extauthz.settings import Settings
 from extauthz.transport.http import HttpLimits, peer_from_xfcc
 
@@ -139,16 +138,13 @@ def test_internal_error_is_503_internal_error(server) -> None:  # type: ignore[n
 
 
 def test_a_check_that_waits_is_answered_through_a_task(tmp_path: Path) -> None:
-    class SlowLimiter:
-        def __init__(self) -> None:
-            self._inner = InProcessLimiter(LocalLimiter(time.time, 1000))
-
-        async def hit_many(self, items):  # type: ignore[no-untyped-def]
+    class SlowLimiter(InProcessLimiter):  # the Limiter lifecycle (start/aclose) inherited
+        async def hit_many(self, items, cost=1):  # type: ignore[no-untyped-def]
             await asyncio.sleep(0.05)
-            result: LimitResult = await self._inner.hit_many(items)
+            result: LimitResult = await super().hit_many(items, cost)
             return result
 
-    with running(tmp_path, limits=FAST, limiter=SlowLimiter()) as s:
+    with running(tmp_path, limits=FAST, limiter=SlowLimiter(LocalLimiter(time.time, 1000))) as s:
         [reply], _ = s.exchange(check(method="POST", path="/v1/orders"))
         assert reply.status == 200
         # pipelined while that check waits: the first answer still comes first, then a 400
@@ -357,12 +353,12 @@ def test_http_and_grpc_transports_decide_the_same_table(tmp_path: Path) -> None:
 
 
 def test_stop_lets_a_check_in_flight_finish(tmp_path: Path) -> None:
-    class SlowLimiter:
-        async def hit_many(self, items):  # type: ignore[no-untyped-def]
+    class SlowLimiter(InProcessLimiter):  # the Limiter lifecycle (start/aclose) inherited
+        async def hit_many(self, items, cost=1):  # type: ignore[no-untyped-def]
             await asyncio.sleep(0.3)
-            return await InProcessLimiter(LocalLimiter(time.time, 10)).hit_many(items)
+            return await super().hit_many(items, cost)
 
-    with running(tmp_path, limits=FAST, limiter=SlowLimiter()) as s:
+    with running(tmp_path, limits=FAST, limiter=SlowLimiter(LocalLimiter(time.time, 10))) as s:
         with s.connect() as sock:
             sock.sendall(check(method="POST", path="/v1/orders"))
             time.sleep(0.1)
@@ -572,12 +568,9 @@ def test_http_listen_that_cannot_bind_exits_1_with_one_line(tmp_path: Path) -> N
 
 def test_workers_refuse_a_unix_http_listener() -> None:
     from extauthz.settings import SettingsError, load_settings
-    from extauthz.transport.workers import check_workers
 
-    settings = load_settings({"policy": "p", "http_listen": ["unix:/run/a.sock"],
-                              "workers": 2}, {})
-    with pytest.raises(SettingsError, match="unix socket cannot be shared"):
-        check_workers(settings)
+    with pytest.raises(SettingsError, match="unix socket cannot be shared"):  # validated once
+        load_settings({"policy": "p", "http_listen": ["unix:/run/a.sock"], "workers": 2}, {})
 
 
 def test_xfcc_memo_stays_bounded_under_distinct_and_oversized_values(tmp_path: Path) -> None:

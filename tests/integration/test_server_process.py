@@ -266,6 +266,25 @@ def test_workers_share_the_port_and_drain_together(policy_dir: Path, tmp_path: P
         stop(proc)
 
 
+def test_sigterm_while_workers_start_is_a_clean_stop(policy_dir: Path) -> None:
+    """A worker still importing when the supervisor forwards SIGTERM dies of the signal: that
+    is the stop that was asked for, so the supervisor exits 0, not 256-15."""
+    proc = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
+                             "--listen", f"127.0.0.1:{free_port()}", "--workers", "2"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        children: list[str] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            time.sleep(0.01)
+        assert len(children) == 2, children
+        proc.send_signal(signal.SIGTERM)  # the workers have not started serving yet
+        assert proc.wait(30) == 0
+    finally:
+        stop(proc)
+
+
 def test_workers_refuse_a_unix_socket(policy_dir: Path, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
                           "--listen", f"unix:{tmp_path}/s.sock", "--workers", "2"],

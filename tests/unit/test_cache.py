@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
-from extauthz.decide.cache import DecisionCache
+from extauthz.decide.cache import CachedDecision, DecisionCache
 from extauthz.decide.pipeline import Authorizer
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
 
@@ -83,7 +83,7 @@ def test_path_variants_resolve_before_the_lookup() -> None:
 def test_a_flood_of_distinct_paths_never_grows_past_the_bound() -> None:
     clock = Clock()
     cache = DecisionCache(1000, 60, clock)
-    decision = Decision(Outcome.ALLOW, Reason.ALLOWED)
+    decision = CachedDecision(Decision(Outcome.ALLOW, Reason.ALLOWED))
     for i in range(1_000_000):
         cache.put(("p", f"/flood/{i}"), decision)
     assert cache.size == 1000
@@ -102,5 +102,5 @@ def test_a_flood_of_distinct_paths_never_grows_past_the_bound() -> None:
 def test_disabled_cache_stores_nothing() -> None:
     clock = Clock()
     cache = DecisionCache(0, 60, clock)
-    cache.put(("k",), Decision(Outcome.ALLOW, Reason.ALLOWED))
+    cache.put(("k",), CachedDecision(Decision(Outcome.ALLOW, Reason.ALLOWED)))
     assert cache.get(("k",)) is None and cache.size == 0

@@ -203,7 +203,8 @@ def test_allow_rule_only_for_dry_run_decisions() -> None:
 def test_fields_of_an_allowed_line() -> None:
     log, buf = make()
     log.observe(REQ, CheckResult(allow().decision, cache_hit=True,
-                                 limit=LimitResult(True, 5, 4, 1.0, 0.0)), 0.000250,
+                                 limit=LimitResult(True, 5, 4, 1.0, 0.0),
+                                 host="orders.demo.local", path="/v1/orders/42"), 0.000250,
                 TRACE, SPAN)
     log.close()
     [entry] = lines(buf)
@@ -211,7 +212,7 @@ def test_fields_of_an_allowed_line() -> None:
     assert entry["decision"] == "allow" and entry["status"] == 200
     assert entry["reason"] == "allowed" and entry["rule"] == "read-orders"
     assert entry["host"] == "orders.demo.local"
-    assert entry["path"] == "/v1/orders/42"  # normalized, no query
+    assert entry["path"] == "/v1/orders/42"  # as the check normalized it, no query
     assert entry["cache_hit"] is True and entry["ratelimit_remaining"] == 4
     assert entry["latency_us"] == 250
     assert entry["trace_id"] == TRACE and entry["span_id"] == SPAN
@@ -365,3 +366,12 @@ def test_the_documented_example_lines_are_current() -> None:
     for entry in examples:
         validator().validate(entry)
         assert list(entry) == fields_now
+
+
+def test_host_and_path_are_logged_as_the_check_normalized_them_never_normalized_again() -> None:
+    """The check result carries the route; the log shows it, or the raw values (query cut)
+    when the check could not normalize them, and never runs the normalizer itself."""
+    seen = record(1.0, REQ, CheckResult(DENY.decision, host="h.example", path="/as/checked"), 0.0)
+    assert (seen["host"], seen["path"]) == ("h.example", "/as/checked")
+    raw = record(1.0, REQ, DENY, 0.0)
+    assert (raw["host"], raw["path"]) == ("Orders.demo.local:8443", "/v1/orders/../orders/42")

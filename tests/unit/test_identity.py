@@ -18,6 +18,7 @@ from extauthz.identity.resolver import (
     www_authenticate,
 )
 from extauthz.model import Identity, IdentityFailure, IdentitySource, Reason, Request
+from extauthz.sources.jwks import KeySets
 from tests.unit.test_x509svid import ID, NOW, make_cert
 
 TD = "prod.example.org"
@@ -308,17 +309,24 @@ def test_from_config_loads_jwks_file_only_on_start(tmp_path: Path) -> None:
     jwk = {**json.loads(ECAlgorithm.to_jwk(KEY.public_key())), "kid": "k1", "use": "jwt-svid"}
     path.write_text(json.dumps({"keys": [jwk]}))
     cfg = IdentityConfig(trust_domains=frozenset({TD}), jwt_issuers=(issuer(jwks_file=str(path)),))
-    r = IdentityResolver.from_config(cfg)
+    keys = KeySets.for_issuers(cfg.jwt_issuers)
+    r = IdentityResolver.from_config(cfg, keys=keys.providers)
     request = req(authorization=f"Bearer {token()}")
     failure(request, Reason.INVALID_IDENTITY, "not loaded", r)  # fail closed before start()
-    assert not r.ready
-    assert r.start()
+    assert not keys.ready
+    assert keys.start()
     try:
-        assert r.ready and resolve(request, r).principal == ID
+        assert keys.ready and resolve(request, r).principal == ID
     finally:
-        r.stop()
+        keys.stop()
     with pytest.raises(ValueError, match="no jwks_file, jwks_url or oidc_discovery"):
-        IdentityResolver.from_config(IdentityConfig(jwt_issuers=(issuer(),)))
+        KeySets.for_issuers((issuer(),))
+
+
+def test_an_issuer_without_a_key_set_is_refused_and_the_core_fetches_nothing() -> None:
+    """Fetching keys is the edge's job: the resolver never builds a fetcher of its own."""
+    with pytest.raises(ValueError, match="no key set"):
+        IdentityResolver.from_config(IdentityConfig(jwt_issuers=(issuer(jwks_file="/k"),)))
 
 
 # -- the principal-only memo -------------------------------------------------------------------
@@ -382,7 +390,7 @@ def test_from_config_wires_jwks_fetch_options() -> None:
         JwtIssuerConfig(https_issuer, frozenset({"a"}), oidc_discovery=True, jwks_max_stale=600,
                         jwks_cooldown=5, jwks_refresh_interval=60),
     ))  # fmt: skip
-    (cache,) = IdentityResolver.from_config(cfg).key_caches
+    (cache,) = KeySets.for_issuers(cfg.jwt_issuers).caches
     assert (cache.name, cache.stale_ttl, cache.cooldown, cache.refresh_interval) == (
         https_issuer, 600, 5, 60)
 

@@ -26,6 +26,8 @@ from extauthz.sources.jwks import (
     parse_jwks,
 )
 
+from .conftest import Clock
+
 
 def jwk(kid: str | None, **extra: Any) -> dict[str, Any]:
     key = ec.generate_private_key(ec.SECP256R1()).public_key()
@@ -38,14 +40,6 @@ def jwk(kid: str | None, **extra: Any) -> dict[str, Any]:
 
 def doc(*keys: dict[str, Any]) -> bytes:
     return json.dumps({"keys": list(keys)}).encode()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Fetcher:
@@ -61,7 +55,7 @@ class Fetcher:
 
 
 def make_cache(body: bytes, **kw: float) -> tuple[JwksCache, Fetcher, Clock]:
-    fetch, clock = Fetcher(body), Clock()
+    fetch, clock = Fetcher(body), Clock(1000.0)
     opts = {"refresh_interval": 300.0, "cooldown": 30.0, "negative_ttl": 120.0, "stale_ttl": 3600.0}
     opts.update(kw)
     return JwksCache(fetch, clock=clock, **opts), fetch, clock
@@ -127,19 +121,19 @@ def test_unknown_kid_refetch_is_rate_limited_and_negative_cached() -> None:
     assert fetch.calls == 1
     assert cache.get_key("new") is None  # asks for a refetch, but only after the cooldown
     assert not cache.run_pending()
-    clock.t += 30
+    clock.now += 30
     assert cache.run_pending()
     assert fetch.calls == 2
     # Still unknown after the refetch: negative-cached, no more refetches for it.
     for _ in range(100):
         assert cache.get_key("new") is None
-        clock.t += 1
+        clock.now += 1
         cache.run_pending()
     assert fetch.calls == 2
     # A flood of made-up kids costs at most one fetch per cooldown.
     for i in range(900):
         cache.get_key(f"../../etc/passwd{i}")
-        clock.t += 0.03
+        clock.now += 0.03
         cache.run_pending()
     assert fetch.calls == 3
 
@@ -149,11 +143,11 @@ def test_rotation_picks_up_a_new_kid() -> None:
     cache.refresh()
     fetch.body = doc(jwk("a"), jwk("b"))
     assert cache.get_key("b") is None
-    clock.t += 30
+    clock.now += 30
     cache.run_pending()
     assert cache.get_key("b") is not None
     fetch.body = doc(jwk("b"))
-    clock.t += 300  # scheduled refresh drops the retired key
+    clock.now += 300  # scheduled refresh drops the retired key
     assert cache.run_pending()
     assert cache.get_key("a") is None and cache.get_key("b") is not None
 
@@ -162,12 +156,12 @@ def test_stale_keys_kept_for_bounded_time_when_endpoint_fails() -> None:
     cache, fetch, clock = make_cache(doc(jwk("a")), retry_interval=10.0)
     cache.refresh()
     fetch.body = OSError("connection refused")
-    clock.t += 300
+    clock.now += 300
     assert cache.run_pending() and "connection refused" in cache.last_error
     assert cache.get_key("a") is not None  # stale but kept
-    clock.t += 10
+    clock.now += 10
     assert cache.run_pending()  # retried after retry_interval, not refresh_interval
-    clock.t = 1000 + 3600 + 1
+    clock.now = 1000 + 3600 + 1
     assert cache.get_key("a") is None and not cache.ready  # past stale_ttl: fail closed
     fetch.body = doc(jwk("a"))
     cache.refresh()
@@ -276,15 +270,15 @@ def https_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Path]]:
 def test_real_https_rotation_and_failure(https_server: tuple[str, dict[str, Any], Path]) -> None:
     url, state, cert_path = https_server
     ctx = ssl.create_default_context(cafile=str(cert_path))
-    clock = Clock()
+    clock = Clock(1000.0)
     cache = JwksCache(https_fetcher(url, timeout=2, ssl_context=ctx), clock=clock, cooldown=30)
     assert cache.refresh() and cache.get_key("a") is not None
     state["body"] = doc(jwk("b"))
-    clock.t += 300
+    clock.now += 300
     assert cache.run_pending()
     assert cache.get_key("b") is not None and cache.get_key("a") is None
     state["status"] = 500
-    clock.t += 300
+    clock.now += 300
     assert cache.run_pending() and "500" in cache.last_error
     assert (cache.fetch_count, cache.fetch_failures) == (3, 1)
     assert cache.get_key("b") is not None  # stale keys kept

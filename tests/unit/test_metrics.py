@@ -161,7 +161,7 @@ def test_revocation_reload_failures_and_jwks_state_are_exposed() -> None:
 
 def test_real_jwks_caches_are_found_after_a_revocation_reload(tmp_path: Any) -> None:
     """A revocation reload swaps in a resolver that shares the JWKS caches without owning
-    them: the metrics must still find them (on App.identity_root)."""
+    them: the metrics must still find them (on their one owner, App.keys)."""
     import json
     from pathlib import Path
 
@@ -184,8 +184,9 @@ def test_real_jwks_caches_are_found_after_a_revocation_reload(tmp_path: Any) -> 
     settings = Settings(policy=policy, revocation_file=revoked, identity={"jwt": {"issuers": [
         {"issuer": "https://idp.example", "audiences": ["s"], "jwks_file": str(jwks)}]}})
     app = build_app(settings)
+    first = app.authorizer.identity
     assert apply_revocations(app)
-    assert app.authorizer.identity is not app.identity_root
+    assert app.authorizer.identity is not first
     caches = list(_key_caches(app))
     assert [c.name for c in caches] == ["https://idp.example"]
     assert all(isinstance(c, JwksCache) for c in caches)

@@ -1,12 +1,24 @@
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 from extauthz.decide.cache import DecisionCache
-from extauthz.decide.pipeline import Authorizer, CheckResult, InProcessLimiter, normalize_host
-from extauthz.decide.ratelimit import LocalLimiter
+from extauthz.decide.guards import normalize_host
+from extauthz.decide.pipeline import HOST_MEMO_SIZE, Authorizer, CheckResult
+from extauthz.decide.ratelimit import (
+    InProcessLimiter,
+    Limit,
+    Limiter,
+    LimitResult,
+    LocalLimiter,
+    principal_key,
+    rule_key,
+)
 from extauthz.identity.resolver import IdentityConfig, IdentityResolver
 from extauthz.model import Identity, IdentitySource, Outcome, Reason, Request
 from extauthz.policy.compiled import CompiledPolicy
 
+from .conftest import Clock
 from .policy_fixtures import BILLING, CHECKOUT, compiled
 
 HOST = "orders.mesh.local"
@@ -15,14 +27,6 @@ RULES = [
     {"name": "create", "methods": ["POST"], "path": "/v1/orders", "allow": ["checkout"],
      "limit": {"rate": 2, "period": "1s", "burst": 2}},
 ]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Holder:
@@ -178,3 +182,81 @@ def test_limits_of_jwt_principals_apply_by_issuer_and_subject() -> None:
     answers = [asyncio.run(authz.check(Request(method="GET", host=HOST, path="/v1/x"))).decision.outcome.http_status
                for _ in range(2)]
     assert answers == [200, 429]
+
+
+class _RecordingLimiter:
+    """A Limiter that remembers what it was asked and always allows."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[str, Limit], ...]] = []
+        self.started = self.closed = 0
+
+    async def start(self) -> None:
+        self.started += 1
+
+    async def hit_many(self, items: Sequence[tuple[str, Limit]], cost: int = 1) -> LimitResult:
+        self.calls.append(tuple(items))
+        return LimitResult(True, 10, 9, 0.0, 0.0)
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+def test_a_cache_hit_uses_the_entry_limits_and_never_goes_back_to_the_policy() -> None:
+    policy = compiled(RULES)
+    clock = Clock()
+    limiter = _RecordingLimiter()
+    authz = Authorizer(Holder(policy), IdentityResolver.from_config(IdentityConfig()),
+                       DecisionCache(100, 60, clock), clock, limiter)
+    asked = {"evaluate": 0, "limits": 0, "declared_principal": 0, "rule_limit": 0}
+    for name in asked:
+        real = getattr(policy, name)
+
+        def counted(*a: object, _real: Any = real, _name: str = name, **kw: object) -> Any:
+            asked[_name] += 1
+            return _real(*a, **kw)
+
+        setattr(policy, name, counted)
+    results = [check(authz, method="POST", path="/v1/orders") for _ in range(3)]
+    assert [r.cache_hit for r in results] == [False, True, True]
+    assert asked == {"evaluate": 1, "limits": 1, "declared_principal": 1, "rule_limit": 0}
+    first = limiter.calls[0]
+    assert [key for key, _ in first] == [principal_key(CHECKOUT), rule_key(CHECKOUT, "create")]
+    # The very Limit objects the policy made at load, handed over on every hit.
+    assert all(call == first and all(a[1] is b[1] for a, b in zip(call, first, strict=True))
+               for call in limiter.calls)
+    assert first[1][1] is policy.limits(results[0].decision)[1][1]
+
+
+def test_the_result_carries_the_normalized_host_and_path_for_the_observers() -> None:
+    authz, _, _ = make()
+    r = check(authz, host="Orders.Mesh.Local:8443", path="/v1/admin/../orders/1?x=1")
+    assert (r.host, r.path, r.decision.allowed) == (HOST, "/v1/orders/1", True)
+    refused = check(authz, path="/v1/orders/%2F")  # ambiguous: no path, the host still known
+    assert (refused.host, refused.path, refused.decision.reason) == (HOST, None, Reason.AMBIGUOUS_PATH)
+    unauthenticated = check(authz, principal="")
+    assert (unauthenticated.host, unauthenticated.path) == (HOST, "/v1/orders/1")
+
+
+def test_a_query_method_override_is_refused_before_the_cache() -> None:
+    authz, _, _ = make()
+    over = check(authz, path="/v1/orders/1?_method=DELETE")
+    assert (over.decision.reason, over.cache_hit) == (Reason.METHOD_OVERRIDE, False)
+    assert authz._cache.size == 0
+
+
+def test_a_flood_of_distinct_hosts_keeps_the_host_memo_bounded() -> None:
+    authz, _, _ = make()
+    for i in range(3 * HOST_MEMO_SIZE):
+        check(authz, host=f"h{i}.mesh.local")
+    assert len(authz._hosts) <= HOST_MEMO_SIZE
+    assert check(authz).decision.allowed
+
+
+def test_the_in_process_limiter_has_the_limiter_lifecycle() -> None:
+    limiter: Limiter = InProcessLimiter(LocalLimiter(Clock(), 10))
+    asyncio.run(limiter.start())
+    result = asyncio.run(limiter.hit_many([("k", Limit(1, 1.0, 1))]))
+    again = asyncio.run(limiter.hit_many([("k", Limit(1, 1.0, 1))]))
+    asyncio.run(limiter.aclose())
+    assert (result.allowed, again.allowed) == (True, False)

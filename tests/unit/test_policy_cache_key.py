@@ -12,13 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extauthz.decide.cache import DecisionCache
-from extauthz.decide.pipeline import Authorizer
+from extauthz.decide.pipeline import Authorizer, decide
 from extauthz.model import Decision, Identity, IdentitySource, Reason, Request
 from extauthz.policy.compiled import CompiledPolicy
 
+from .conftest import Clock
 from .policy_fixtures import CHECKOUT, compiled
 
 HOST = "orders.mesh.local"
+MONDAY_10AM = datetime(2025, 1, 6, 10, 0, tzinfo=UTC).timestamp()
 RULES = [
     {"name": "tenant", "methods": ["GET"], "path_prefix": "/v1/orders", "allow": ["checkout"],
      "headers": {"x-tenant": "acme", "x-debug": {"present": False}}},
@@ -27,14 +29,6 @@ RULES = [
     {"name": "office-hours", "methods": ["DELETE"], "path_prefix": "/v1/orders",
      "allow": ["checkout"], "when": "now.getHours() >= 9 && now.getHours() < 17"},
 ]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2025, 1, 6, 10, 0, tzinfo=UTC).timestamp()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Holder:
@@ -53,7 +47,7 @@ class Caller:
 
 
 def make() -> tuple[Authorizer, Caller, Clock, CompiledPolicy]:
-    clock, caller, policy = Clock(), Caller(), compiled(RULES)
+    clock, caller, policy = Clock(MONDAY_10AM), Caller(), compiled(RULES)
     authz = Authorizer(Holder(policy), caller, DecisionCache(1000, 3600, clock), clock)  # type: ignore[arg-type]
     return authz, caller, clock, policy
 
@@ -107,11 +101,15 @@ def test_time_conditions_are_keyed_by_the_minute() -> None:
     assert (late.allowed, hit) == (False, False)
 
 
-def test_method_override_header_is_part_of_the_key() -> None:
+def test_a_method_override_header_is_refused_before_the_cache_and_never_keyed() -> None:
     authz, *_ = make()
     assert check(authz, "GET", "/v1/orders/1", {"x-tenant": "acme"})[0].allowed
     over, hit = check(authz, "GET", "/v1/orders/1", {"x-tenant": "acme", "x-http-method": "DELETE"})
     assert (over.reason, hit) == (Reason.METHOD_OVERRIDE, False)
+    # An override naming the request's own method changes nothing, so it shares the entry.
+    same, hit = check(authz, "GET", "/v1/orders/1", {"x-tenant": "acme", "x-http-method": "GET"})
+    assert (same.allowed, hit) == (True, True)
+    assert authz._cache.size == 1
 
 
 _HEADERS = st.fixed_dictionaries({}, optional={
@@ -137,6 +135,6 @@ def test_cached_answers_always_equal_fresh_evaluation(requests: list) -> None:  
         clock.now = datetime(2025, 1, 6, hour, 30, tzinfo=UTC).timestamp()
         path = "/v1/orders" if method == "POST" else "/v1/orders/1"
         got, _ = check(authz, method, path, headers)
-        fresh = policy.evaluate(caller.identity, HOST, method, path, headers=headers,
-                                now=clock.now).decision
+        fresh = decide(policy, caller.identity,
+                       Request(method=method, host=HOST, path=path, headers=headers), clock.now)
         assert (got.reason, got.rule, got.allowed) == (fresh.reason, fresh.rule, fresh.allowed)

@@ -22,16 +22,7 @@ from extauthz.decide.ratelimit import (
 )
 from extauthz.model import Outcome
 
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
+from .conftest import Clock
 
 
 def make(max_keys: int = 1000, t: float = 1000.0) -> tuple[LocalLimiter, Clock]:
@@ -134,11 +125,11 @@ def test_window_edge_gives_no_double_burst() -> None:
     lim, clock = make(t=999.999)
     limit = Limit(rate=10, period=1.0, burst=10)
     assert sum(lim.hit("p", limit).allowed for _ in range(20)) == 10
-    clock.t = 1000.0  # a fixed-window limiter would start a fresh window here
+    clock.now = 1000.0  # a fixed-window limiter would start a fresh window here
     assert sum(lim.hit("p", limit).allowed for _ in range(20)) == 0
-    clock.t = 1000.001
+    clock.now = 1000.001
     assert sum(lim.hit("p", limit).allowed for _ in range(20)) == 0
-    clock.t = 1000.099  # one emission interval after the burst: exactly one more
+    clock.now = 1000.099  # one emission interval after the burst: exactly one more
     assert sum(lim.hit("p", limit).allowed for _ in range(20)) == 1
 
 
@@ -247,7 +238,7 @@ def test_one_million_distinct_keys_stay_bounded() -> None:
     started = time.perf_counter()
     high = 0
     for i in range(n):
-        clock.t += 0.0005  # 2000 new keys per second: ~2000 active at a time
+        clock.now += 0.0005  # 2000 new keys per second: ~2000 active at a time
         r = lim.hit(f"spiffe://td/w{i}", limit)
         if not r.allowed:
             raise AssertionError(f"key {i} denied: {r}")
@@ -344,7 +335,7 @@ def test_no_interval_ever_exceeds_burst_plus_rate(
     for dt, cost in steps:
         clock.advance(dt)
         if lim.hit("k", limit, cost).allowed:
-            log.append((clock.t, cost))
+            log.append((clock.now, cost))
     interval = limit.interval_us / 1e6
     for i, (t0, _) in enumerate(log):
         used = 0

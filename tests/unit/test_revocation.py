@@ -35,5 +35,18 @@ def test_lists_and_version(tmp_path: Path) -> None:
     revoked = load_revocations(path)
     assert revoked.principals == {"spiffe://a/b"} and revoked.token_ids == {"abc"}
     assert revoked.version == fingerprint(path)
-    path.write_text("")
+    path.write_text("{}\n")  # an explicit empty mapping is an empty list
+    assert load_revocations(path).principals == frozenset()
+
+
+def test_an_empty_file_mid_rewrite_keeps_the_previous_list_never_revokes_nothing(
+        tmp_path: Path) -> None:
+    """A reload can read the file between its truncation and its new content: an empty file
+    must fail (the previous list stays), not mean "nothing is revoked"."""
+    path = tmp_path / "revoked.yaml"
+    for text in ("", "\n", "   \n\n"):
+        path.write_text(text)
+        with pytest.raises(RevocationError, match="empty"):
+            load_revocations(path)
+    path.write_text("principals: []\n")  # clearing the list is explicit and works
     assert load_revocations(path).principals == frozenset()

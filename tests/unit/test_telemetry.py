@@ -29,6 +29,8 @@ ALLOW = CheckResult(
              policy_version="0123456789abcdef"),
     cache_hit=True,
     limit=LimitResult(allowed=True, limit=5, remaining=3, reset_after=1.0, retry_after=0.0),
+    host="orders.demo.local",  # as the check normalized the request's host and path
+    path="/v1/orders/42",
 )
 DENY = CheckResult(Decision(Outcome.FORBIDDEN, Reason.NO_MATCHING_RULE, identity=IDENTITY,
                             policy_version="0123456789abcdef"))
