@@ -19,6 +19,10 @@ Rows ("direct": a grpc.aio client in this process, 64 checks in flight, against 
 the p50/p99/max of a check's wait for Redis and of a pipeline's round trip, read from the
 servers' own metrics.
 
+"failover": `--failovers` times per mode (closed, local), a Sentinel-managed master is
+SIGKILLed under traffic from three limiters; after recovery the rest of the budget is
+spent; allows above the budget are what the failover forgot.
+
 Everything binds to 127.0.0.1 and is stopped by PID.
 """
 
@@ -44,10 +48,18 @@ if str(REPO) not in sys.path:
 import grpc  # noqa: E402
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc  # noqa: E402
 
-from tests.integration.limit_traffic import check_request, grpc_burst, limited_policy  # noqa: E402
+from extauthz.backends.redis_limiter import RedisLimiter  # noqa: E402
+from extauthz.decide.ratelimit import Limit, principal_key  # noqa: E402
+from tests.integration.limit_traffic import (  # noqa: E402
+    Stream,
+    check_request,
+    grpc_burst,
+    limited_policy,
+    paced,
+)
 from tests.integration.server_process import free_port, running_server  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
-from tests.redis_topologies import RedisClusterNodes, cli  # noqa: E402
+from tests.redis_topologies import RedisClusterNodes, SentinelSetup, cli  # noqa: E402
 
 DOC = REPO / "docs" / "rate-limits.md"
 BEGIN = "<!-- bench/redis_limits.py: begin -->"
@@ -197,6 +209,58 @@ def redis_version() -> str:
     return match.group(1) if match else "?"
 
 
+def failover_rows(count: int, mode: str) -> list[dict[str, str]]:
+    """Kill the Sentinel-managed master under traffic from three limiters (in this
+    process); count the allows beyond the budget once everything is spent."""
+
+    burst = 600
+    items = [(principal_key("spiffe://td/ns/failover/sa/bench"), Limit(1, 3600.0, burst))]
+
+    async def once(setup: SentinelSetup) -> dict[str, str]:
+        rls = [
+            RedisLimiter.from_url(setup.url, failure_mode=mode, overlimit_entries=0)
+            for _ in range(3)
+        ]
+        out, stop = Stream(), asyncio.Event()
+        try:
+            for rl in rls:
+                await rl.start()
+            traffic = asyncio.create_task(paced(rls, items, stop, out))
+            await asyncio.sleep(0.3)
+            killed = time.perf_counter()
+            await asyncio.to_thread(setup.master.kill)
+            while time.perf_counter() - killed < 20:
+                await asyncio.sleep(0.1)
+                recent = [r for _, r, _ in out.results[-12:]]
+                if len(recent) == 12 and not any(r.backend_error or r.degraded for r in recent):
+                    break
+            recovered = time.perf_counter() - killed
+            stop.set()
+            await traffic
+            for _ in range(burst // 60):
+                wave = await asyncio.gather(*(rls[i % 3].hit_many(items) for i in range(60)))
+                out.results.extend((0.0, r, 0.0) for r in wave)
+        finally:
+            for rl in rls:
+                await rl.aclose()
+        genuine = [r for _, r, _ in out.results if not r.backend_error and not r.degraded]
+        allowed = sum(r.allowed for r in genuine)
+        return {
+            "mode": mode,
+            "recovered after": f"{recovered:.2f} s",
+            "allowed (budget 600)": str(allowed),
+            "extra allows": str(max(0, allowed - burst)),
+            "failure-mode answers": str(len(out.results) - len(genuine)),
+            "p99 / max answer": f"{out.p99() * 1e3:.1f} / {max(out.latencies()) * 1e3:.1f} ms",
+        }
+
+    rows = []
+    for _ in range(count):
+        with SentinelSetup() as setup:
+            rows.append(asyncio.run(once(setup)))
+    return rows
+
+
 def table(rows: list[dict[str, str]]) -> str:
     head = list(rows[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -214,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checks", type=int, default=6000, help="measured checks per row")
     ap.add_argument("--write", action="store_true", help="update docs/rate-limits.md")
+    ap.add_argument(
+        "--failovers", type=int, default=3, help="Sentinel failovers to measure per mode"
+    )
     opts = ap.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="extauthz-bench-rl-") as tmp,
@@ -249,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         ]
         deadline = [deadline_rows(single.url, work)]
+    failovers = [r for mode in ("closed", "local") for r in failover_rows(opts.failovers, mode)]
     load = os.getloadavg()
     section = "\n".join(
         [
@@ -260,6 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             table(rows),
             "",
             table(deadline),
+            "",
+            "Sentinel failover: the master SIGKILLed under ~600 checks/s from three limiters "
+            "(`down-after-milliseconds 1000`); after recovery the rest of the 600-check "
+            "budget is spent, so `allowed` above 600 would be budget the failover forgot.",
+            "",
+            table(failovers),
             END,
         ]
     )

@@ -64,6 +64,7 @@ from extauthz.backends.breaker import BreakerState, RateBreaker
 from extauthz.backends.redis_url import RedisKind, RedisTarget, parse_redis_url, redacted
 from extauthz.decide.ratelimit import (
     Limit,
+    Limiter,
     LimitResult,
     LocalLimiter,
     OverLimitCache,
@@ -513,10 +514,6 @@ class RedisLimiter:
             *(self._client.script_load(GCRA_SCRIPT) for _ in range(self.max_inflight))
         )
 
-    async def load_script(self) -> None:
-        """Kept for callers of the first interface: the same as `start()`."""
-        await self.start()
-
     async def aclose(self) -> None:
         """Answer what is queued with the failure mode, stop the pipelines, close the client."""
         while self._queue:
@@ -558,3 +555,8 @@ def _fail(batch: list[_Queued], exc: BaseException) -> None:
     for entry in batch:
         if not entry.future.done():
             entry.future.set_exception(exc)
+
+
+def as_limiter(limiter: RedisLimiter) -> Limiter:
+    """The Redis limiter is a `ratelimit.Limiter` (mypy checks this assignment)."""
+    return limiter

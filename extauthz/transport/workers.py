@@ -107,7 +107,7 @@ def run_workers(settings: Settings, serve_argv: Sequence[str]) -> int:  # noqa: 
             terminate_all()
         for child in children:
             code = child.poll()
-            if code is not None and failed is None and not stopping and code not in _DRAINED:
+            if code is not None and failed is None and not stopping and code != 0:
                 log.error("a worker exited; stopping the others",
                           extra={"event": "worker_exited", "pid": child.pid, "status": code})
                 failed = code

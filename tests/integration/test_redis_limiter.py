@@ -231,7 +231,7 @@ def test_survives_script_flush(redis_url: str) -> None:
         raw = aioredis.Redis.from_url(redis_url)
         limit = Limit(1, HOUR, 3)
         try:
-            await rl.load_script()
+            await rl.start()
             assert (await rl.hit("k", limit)).remaining == 2
             await raw.script_flush()
             r = await rl.hit("k", limit)  # EVALSHA -> NOSCRIPT -> EVAL
@@ -303,7 +303,7 @@ def test_sigstopped_redis_is_bounded_and_recovers(
         )
         limit = Limit(1, HOUR, 5)
         try:
-            await rl.load_script()
+            await rl.start()
             assert (await rl.hit("before", limit)).allowed
             redis_proc.pause()
             try:

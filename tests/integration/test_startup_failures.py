@@ -272,3 +272,26 @@ def test_workers_sighup_in_any_phase_of_start_up_never_kills_a_worker(policy_dir
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert '"event": "worker_exited"' not in err and "Traceback" not in err
+
+
+def test_a_worker_killed_from_outside_stops_the_unit_with_exit_1(policy_dir: Path) -> None:
+    """Not a drain: the supervisor stops the other worker and exits 1 (killed by a signal), so
+    the orchestrator restarts the whole unit."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "extauthz", "serve", "--policy", str(policy_dir),
+                             "--listen", f"127.0.0.1:{port}", "--workers", "2",
+                             "--decision-log", "none"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        deadline = time.monotonic() + 30
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim, other = _children(proc.pid)
+        os.kill(int(victim), signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    assert proc.returncode == 1, err
+    assert '"event": "worker_exited"' in err and '"status": -9' in err
+    assert not Path(f"/proc/{other}").exists() or "Z" in Path(f"/proc/{other}/stat").read_text().split()[2]
