@@ -60,12 +60,18 @@ def test_rejects_bad_configuration() -> None:
     run(client.aclose())
 
 
+@pytest.mark.parametrize("kind", ["redis://{}/0", "redis+cluster://{}", "redis+sentinel://{}/svc"])
 @pytest.mark.parametrize("mode", list(FailureMode))
-def test_nothing_listening_answers_per_failure_mode_quickly(mode: FailureMode) -> None:
+def test_nothing_listening_answers_per_failure_mode_quickly(mode: FailureMode, kind: str) -> None:
+    """One Redis, a cluster's start-up node or the Sentinels: nobody there, every form."""
+
     async def main() -> None:
-        rl = RedisLimiter.from_url(f"redis://127.0.0.1:{free_port()}/0", failure_mode=mode)
+        url = kind.format(f"127.0.0.1:{free_port()}")
+        rl = RedisLimiter.from_url(url, failure_mode=mode)
         limit = Limit(1, HOUR, 2)
         try:
+            with pytest.raises(Exception):  # noqa: B017 - whatever redis-py raises: unreachable
+                await rl.start()
             results = []
             for _ in range(3):
                 r, took = await timed(lambda: rl.hit("k", limit))

@@ -226,3 +226,57 @@ def test_sentinel_failover_during_traffic_is_bounded_and_recovers_without_restar
     # lost), never added any; the failover itself may add at most the tolerance.
     assert burst - failed <= shared <= burst + FAILOVER_TOLERANCE, (shared, failed, before)
     assert not genuine[-1].allowed  # and the budget did run out
+
+
+def test_sentinel_failover_of_a_hung_master_that_comes_back_grants_nothing_extra(
+    sentinel: SentinelSetup,
+) -> None:
+    """SIGSTOP the master until the Sentinels promote the replica, then SIGCONT it: clients
+    still connected to it must not be granted budget the new master never hears of
+    (`min-replicas-to-write` makes the old master refuse writes once its replica is gone)."""
+    burst = 600
+    lim = Limit(1, HOUR, burst)
+    items = [(principal_key("spiffe://td/ns/failover/sa/hung"), lim)]
+
+    async def main() -> Stream:
+        replicas = [RedisLimiter.from_url(sentinel.url, overlimit_entries=0) for _ in range(3)]
+        out, stop = Stream(), asyncio.Event()
+        try:
+            for rl in replicas:
+                await rl.start()
+            traffic = asyncio.create_task(paced(replicas, items, stop, out))
+            await asyncio.sleep(0.3)
+            sentinel.master.pause()
+            try:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    port = await asyncio.to_thread(sentinel.master_port)
+                    if port == sentinel.replica.port:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                sentinel.master.resume()  # back, still believing it is the master
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                recent = [r for _, r, _ in out.results[-12:]]
+                if len(recent) == 12 and not any(r.backend_error for r in recent):
+                    break
+            stop.set()
+            await traffic
+            for _ in range(burst // 60):
+                wave = await asyncio.gather(*(replicas[i % 3].hit_many(items) for i in range(60)))
+                out.results.extend((0.0, r, 0.0) for r in wave)
+        finally:
+            for rl in replicas:
+                await rl.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert sentinel.master_port() == sentinel.replica.port
+    genuine = [r for _, r, _ in out.results if not r.backend_error]
+    failed = len(out.results) - len(genuine)
+    shared = sum(1 for r in genuine if r.allowed)
+    assert burst - failed <= shared <= burst + FAILOVER_TOLERANCE, (shared, failed)
+    assert not genuine[-1].allowed
+    assert max(out.latencies()) < ENVOY_TIMEOUT
