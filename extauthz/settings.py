@@ -182,15 +182,31 @@ def load_settings(
 
 
 def _validate(s: Settings) -> None:
-    if not s.listen and not s.http_listen:
-        raise SettingsError("listen: at least one address (listen or http_listen) is required")
-    for addr in s.listen:
-        parse_listen_address(addr)
+    """Every check of a value, by job; each raises SettingsError naming the setting."""
+    _check_listeners(s)
     _validate_http(s)
     if s.workers < 1:
         raise SettingsError("workers: must be at least 1")
     if s.workers > 1:
         _check_workers(s)
+    _check_observability(s)
+    _check_tls(s)
+    _check_headers(s)
+    _check_rate_limits(s)
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise SettingsError(
+            f"log_level: must be debug, info, warning or error, not {s.log_level!r}"
+        )
+
+
+def _check_listeners(s: Settings) -> None:
+    if not s.listen and not s.http_listen:
+        raise SettingsError("listen: at least one address (listen or http_listen) is required")
+    for addr in s.listen:
+        parse_listen_address(addr)
+
+
+def _check_observability(s: Settings) -> None:
     if not 0.0 <= s.decision_log_sample_allowed <= 1.0:
         raise SettingsError("decision_log_sample_allowed: must be between 0 and 1, not "
                             f"{s.decision_log_sample_allowed}")
@@ -202,7 +218,9 @@ def _validate(s: Settings) -> None:
         except SettingsError:
             raise SettingsError(
                 f"metrics_listen: expected HOST:PORT, got {s.metrics_listen!r}") from None
-    _check_tls(s)
+
+
+def _check_headers(s: Settings) -> None:
     for name in ("principal_header", "rule_header"):
         value = getattr(s, name)
         problem = headers.settable_problem(value) if value else ""
@@ -210,6 +228,9 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"{name}: {problem}")
     if s.rule_header and s.rule_header == s.principal_header:
         raise SettingsError("rule_header: must differ from principal_header")
+
+
+def _check_rate_limits(s: Settings) -> None:
     if s.rate_limit_backend not in ("memory", "redis"):
         raise SettingsError(
             f"rate_limit_backend: must be memory or redis, not {s.rate_limit_backend!r}"
@@ -225,10 +246,6 @@ def _validate(s: Settings) -> None:
             parse_redis_url(s.redis_url)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
-    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise SettingsError(
-            f"log_level: must be debug, info, warning or error, not {s.log_level!r}"
-        )
 
 
 def _validate_http(s: Settings) -> None:

@@ -6,4 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh --with-system-packages
 .venv/bin/ruff check extauthz tests scripts
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# Coverage gate: the level the whole suite reached after the move into sub-packages (issue 14,
+# 89.8% of extauthz's statements in-process), rounded down. Raise it as tests grow; never lower
+# it. A partial run (`scripts/test.sh tests/unit -k x`) can skip the gate with `--no-cov`.
+exec .venv/bin/python -m pytest --cov=extauthz --cov-report=term:skip-covered \
+  --cov-fail-under=89 "$@"
