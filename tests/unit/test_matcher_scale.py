@@ -19,8 +19,9 @@ def test_ten_thousand_rules_decide_about_as_fast_as_ten() -> None:
     results = bench.measure([10, 10_000], rounds=300, repeats=5)
     small, large = results[10], results[10_000]
     for probe in ("exact", "prefix", "template", "regex", "condition", "no-match"):
-        # Best-of-5 timings; a scan of 10,000 rules would be >100x slower, not 2x.
-        assert large[probe] < 2.5 * small[probe] + 2.0, (probe, small, large)
+        # Best-of-5 timings; a scan of 10,000 rules is >100x slower. The margin is wide because
+        # the two sizes are timed at different moments on a shared, possibly busy machine.
+        assert large[probe] < 10 * small[probe] + 5.0, (probe, small, large)
 
 
 def test_the_probes_reach_the_rules_they_name() -> None:
