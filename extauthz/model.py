@@ -90,6 +90,8 @@ class Request:
     # is decided by, with the SNI in `host`. 0 / "" when Envoy did not say.
     destination_port: int = 0
     destination_address: str = ""
+    # Which edge asked ("grpc" or "http"): spans name the protocol the check really came in on.
+    transport: str = "grpc"
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,12 +234,56 @@ def _str(value: str | None) -> str:
 _Item = tuple[float, Request | None, CheckResult, float, str, str]
 
 
-def fast_line(item: _Item) -> str:
-    """`format_line(record(...))` without the intermediate dict (half the cost; the writer
-    thread's hot loop). Tests hold the two to the same output."""
+# A decision's own fields (everything that depends on the Decision and its Identity alone),
+# rendered once. A cache hit returns the very Decision object it stored, so on the hot path the
+# writer thread formats only the request's and the moment's fields.
+_Fragments = tuple[str, str, str, str]
+FRAGMENT_MEMO_SIZE = 4096
+
+
+def _fragments(d: Decision) -> _Fragments:
+    i = d.identity
+    who = "".join((
+        ',"principal":', _str(clean(i.principal, 512) if i else None),
+        ',"identity_source":', _str(source_of(d)),
+        ',"trust_domain":', _str(clean(i.trust_domain) if i and i.trust_domain else None),
+        ',"issuer":', _str(clean(i.issuer, 512) if i and i.issuer else None),
+    ))
+    what = "".join((
+        ',"decision":', '"allow"' if d.allowed else '"deny"',
+        ',"status":', str(d.outcome.http_status),
+        ',"reason":', _quote(d.reason.value),
+        ',"rule":', _str(clean(d.rule) if d.rule else None),
+        ',"policy_version":', _str(clean(d.policy_version, 64) if d.policy_version else None),
+    ))
+    why = "".join((
+        ',"presented_principal":', _str(presented_of(d)),
+        ',"allow_rule":', _str(allow_rule_of(d)),
+        ',"subject":', _str(clean(i.subject, 512) if i and i.subject else None),
+    ))
+    return who, what, why, _str(condition_of(d))
+
+
+def fast_line(item: _Item, memo: dict[int, tuple[Decision, _Fragments]] | None = None) -> str:
+    """`format_line(record(...))` without the intermediate dict, with each decision's own
+    fields rendered once when a `memo` is given (the writer thread's hot loop). Tests hold
+    the two to the same output."""
     ts, request, result, seconds, trace_id, span_id = item
     d = result.decision
-    i = d.identity
+    if memo is None:
+        who, what, why, condition = _fragments(d)
+    else:
+        # Keyed by identity and checked with `is`: the entry holds the Decision, so its id
+        # cannot be reused by another object while the entry lives.
+        hit = memo.get(id(d))
+        if hit is not None and hit[0] is d:
+            who, what, why, condition = hit[1]
+        else:
+            frags = _fragments(d)
+            if len(memo) >= FRAGMENT_MEMO_SIZE:
+                memo.clear()
+            memo[id(d)] = (d, frags)
+            who, what, why, condition = frags
     http = request is not None and request.is_http
     limit = result.limit
     return "".join((
@@ -247,30 +291,22 @@ def fast_line(item: _Item) -> str:
         ',"time":"', _time(ts),
         '","trace_id":', _str(trace_id or None),
         ',"span_id":', _str(span_id or None),
-        ',"principal":', _str(clean(i.principal, 512) if i else None),
-        ',"identity_source":', _str(source_of(d)),
-        ',"trust_domain":', _str(clean(i.trust_domain) if i and i.trust_domain else None),
-        ',"issuer":', _str(clean(i.issuer, 512) if i and i.issuer else None),
+        who,
         ',"method":', _str(clean(request.method, 32) if request is not None and http else None),
         ',"host":', _str(safe_host(request, result) if request is not None and http else None),
         ',"path":', _str(safe_path(request, result) if request is not None and http else None),
-        ',"decision":', '"allow"' if d.allowed else '"deny"',
-        ',"status":', str(d.outcome.http_status),
-        ',"reason":', _quote(d.reason.value),
-        ',"rule":', _str(clean(d.rule) if d.rule else None),
-        ',"policy_version":', _str(clean(d.policy_version, 64) if d.policy_version else None),
+        what,
         ',"cache_hit":', "true" if result.cache_hit else "false",
         ',"dry_run":', "true" if d.dry_run else "false",
         ',"ratelimit_remaining":', "null" if limit is None else str(int(limit.remaining)),
         ',"latency_us":', str(max(0, round(seconds * 1e6))),
-        ',"token_lifetime_s":', "null" if (life := token_lifetime(i)) is None else str(life),
+        ',"token_lifetime_s":', "null" if (life := token_lifetime(d.identity)) is None
+        else str(life),
         ',"route":', _str(route_of(request)),
-        ',"presented_principal":', _str(presented_of(d)),
-        ',"allow_rule":', _str(allow_rule_of(d)),
-        ',"subject":', _str(clean(i.subject, 512) if i and i.subject else None),
+        why,
         ',"peer":', _str(peer_of(request, d)),
         ',"notes":', "null" if (notes := notes_of(result)) is None else _ENCODER.encode(notes),
-        ',"condition":', _str(condition_of(d)),
+        ',"condition":', condition,
         "}\n",
     ))
 
@@ -300,6 +336,8 @@ class DecisionLog:
         self._flush_interval = flush_interval
         self._reopen_check_interval = reopen_check_interval
         self._queue: collections.deque[_Item] = collections.deque()
+        # Each decision's own line fragments; touched by the writer (under _lock) only.
+        self._fragments: dict[int, tuple[Decision, _Fragments]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self._reopen = False
@@ -424,10 +462,11 @@ class DecisionLog:
             if not queue:
                 return
             lines: list[str] = []
+            memo = self._fragments
             while queue:
                 item = queue.popleft()
                 try:
-                    lines.append(fast_line(item))
+                    lines.append(fast_line(item, memo))
                 except Exception:
                     self.write_errors += 1
                     log.exception("cannot format a decision-log line",

@@ -150,12 +150,23 @@ _HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "O
                            "TRACE", "PATCH"))
 
 
+# The protocol the check came in on: Envoy's gRPC Authorization service, or its HTTP
+# authorization-service protocol (no rpc.* there: it is not an RPC).
+_GRPC_ATTRIBUTES: dict[str, Any] = {
+    "rpc.system": "grpc",
+    "rpc.service": "envoy.service.auth.v3.Authorization",
+    "rpc.method": "Check",
+    "extauthz.transport": "grpc",
+}
+_HTTP_ATTRIBUTES: dict[str, Any] = {"network.protocol.name": "http", "extauthz.transport": "http"}
+
+
 def span_attributes(request: Request | None, result: CheckResult) -> dict[str, Any]:
     decision = result.decision
-    attrs: dict[str, Any] = {
-        "rpc.system": "grpc",
-        "rpc.service": "envoy.service.auth.v3.Authorization",
-        "rpc.method": "Check",
+    attrs: dict[str, Any] = (
+        _GRPC_ATTRIBUTES if request is None or request.transport == "grpc" else _HTTP_ATTRIBUTES
+    ).copy()
+    attrs |= {
         "extauthz.decision": "allow" if decision.allowed else "deny",
         "extauthz.reason": decision.reason.value,
         "http.response.status_code": decision.outcome.http_status,

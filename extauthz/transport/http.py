@@ -469,6 +469,7 @@ class CheckConnection(asyncio.Protocol):
             headers=headers,
             source_principal=peer.principal,
             peer_certificate=peer.certificate,
+            transport="http",
         )
         problem = peer.problem
         if XFCC_HEADER in self._duplicates:

@@ -132,6 +132,17 @@ def test_the_writers_fast_formatter_writes_exactly_the_record(
             record(ts, req, result, 0.000123, trace_id=trace_id, span_id=span_id))
 
 
+
+def test_a_shared_fragment_memo_never_gives_one_decision_another_decisions_fields() -> None:
+    """The writer keeps each decision's rendered fields; over every case, in order and
+    reversed, with one memo, each line is still exactly its own record."""
+    ts = 1_764_000_000.123456
+    memo: dict[int, Any] = {}
+    for req, result in [*CASES, *reversed(CASES), *CASES]:
+        fast = fast_line((ts, req, result, 0.000123, "", ""), memo)
+        assert fast.encode("ascii") == format_line(record(ts, req, result, 0.000123))
+    assert memo, "the memo was never used"
+
 V1_0_FIELDS = [
     "schema_version", "time", "trace_id", "span_id", "principal", "identity_source",
     "trust_domain", "issuer", "method", "host", "path", "decision", "status", "reason",

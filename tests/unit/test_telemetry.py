@@ -84,6 +84,23 @@ def test_w3c_parent_span_is_the_parent_and_attributes_are_set() -> None:
     assert span.end_time - span.start_time == pytest.approx(250_000, abs=1_000)
 
 
+
+def test_a_check_from_the_http_transport_is_not_labelled_as_a_grpc_call() -> None:
+    rec, exporter = recorder()
+    headers = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+    allowed = CheckResult(Decision(Outcome.ALLOW, Reason.ALLOWED, rule="r", identity=IDENTITY))
+    rec.record(Request(method="GET", host="h", path="/x", headers=headers, transport="http"),
+               allowed, 0.001)
+    a = one_span(exporter).attributes
+    assert a is not None
+    assert a["extauthz.transport"] == "http" and a["network.protocol.name"] == "http"
+    assert not any(k.startswith("rpc.") for k in a)
+    exporter.clear()
+    rec.record(Request(method="GET", host="h", path="/x", headers=headers), allowed, 0.001)
+    a = one_span(exporter).attributes
+    assert a is not None
+    assert (a["extauthz.transport"], a["rpc.system"]) == ("grpc", "grpc")
+
 def test_b3_multi_parent() -> None:
     rec, exporter = recorder()
     rec.record(request({"x-b3-traceid": TRACE, "x-b3-spanid": PARENT, "x-b3-sampled": "1"}),
