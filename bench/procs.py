@@ -12,51 +12,23 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
+
+from extauthz.devstack.stack import Proc
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Proc:
-    """One process the benchmark started: its Popen, its log file, how long SIGTERM may take."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-    stop_timeout: float = 10.0
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait, then SIGKILL. Returns the exit code (negative: killed by signal)."""
-        p = self.popen
-        try:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(self.stop_timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
-                    p.wait(5)
-            return p.returncode
-        finally:
-            self.log_file.close()
 
 
 # -- tools and machine ---------------------------------------------------------------------

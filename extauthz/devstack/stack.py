@@ -96,7 +96,10 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 
 @dataclass
-class _Proc:
+class Proc:
+    """One process a stack (or the benchmark) started: its Popen, its log file, how long
+    SIGTERM may take before SIGKILL."""
+
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
@@ -160,7 +163,7 @@ class DevStack:
     extauthz_log_path: Path = field(init=False)
     envoy_log_path: Path = field(init=False)
     exit_codes: dict[str, int | None] = field(init=False, default_factory=dict)
-    _procs: list[_Proc] = field(init=False, default_factory=list)
+    _procs: list[Proc] = field(init=False, default_factory=list)
     _upstream_started: bool = field(init=False, default=False)
     _own_workdir: bool = field(init=False, default=False)
     _tmp_socket_dir: Path | None = field(init=False, default=None)
@@ -235,7 +238,7 @@ class DevStack:
         self.ca_path.write_bytes(self.ca.cert_pem)
         self.server_cert = write_pem(certs, "server", self.ca.issue_server_cert())
 
-    def _spawn(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> _Proc:
+    def _spawn(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> Proc:
         log_file = log_path.open("wb")
         try:
             popen = subprocess.Popen(
@@ -249,7 +252,7 @@ class DevStack:
         except BaseException:
             log_file.close()
             raise
-        proc = _Proc(name, popen, log_path, log_file, self.stop_timeout)
+        proc = Proc(name, popen, log_path, log_file, self.stop_timeout)
         self._procs.append(proc)
         return proc
 
@@ -394,7 +397,7 @@ class DevStack:
         return ctx
 
 
-def _check_alive(proc: _Proc, deadline: float, what: str) -> None:
+def _check_alive(proc: Proc, deadline: float, what: str) -> None:
     code = proc.popen.poll()
     if code is not None:
         raise DevStackError(
@@ -414,7 +417,7 @@ def _admin_get(port: int, path: str) -> str:
         return ""
 
 
-def wait_for_grpc_serving(target: str, proc: _Proc, timeout: float) -> None:
+def wait_for_grpc_serving(target: str, proc: Proc, timeout: float) -> None:
     """Poll grpc.health.v1 Check(service="") on `target` until SERVING."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
@@ -433,7 +436,7 @@ def wait_for_grpc_serving(target: str, proc: _Proc, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def wait_for_listening(target: str, proc: _Proc, timeout: float) -> None:
+def wait_for_listening(target: str, proc: Proc, timeout: float) -> None:
     """Until `target` (HOST:PORT or unix:/path) accepts connections: the HTTP transport opens
     its listener only after the policy is loaded, so accepting means ready."""
     deadline = time.monotonic() + timeout

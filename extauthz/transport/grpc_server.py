@@ -24,10 +24,9 @@ from grpc_reflection.v1alpha import reflection
 
 from extauthz.app import App, Stats, strip_headers_of
 from extauthz.decide.pipeline import CheckResult
-from extauthz.decide.ratelimit import rate_limit_headers
-from extauthz.memo import Memo
-from extauthz.model import Outcome, Request
+from extauthz.model import Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.transport.answers import Answers
 from extauthz.transport.grpc_proto import (
     ResponseOptions,
     is_network_check,
@@ -41,7 +40,6 @@ from extauthz.transport.tls import ClientIdentityInterceptor, TlsConfig
 log = logging.getLogger("extauthz.server")
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
-RESPONSE_MEMO_SIZE = 4096
 
 
 def response_options(settings: Settings) -> ResponseOptions:
@@ -57,38 +55,18 @@ class AuthorizationServicer(ea_grpc.AuthorizationServicer):  # type: ignore[misc
     def __init__(self, app: App, options: ResponseOptions) -> None:
         self._app = app
         self._options = options
-        # Responses by the decision fields they are built from (see _respond); bounded.
-        self._responses: Memo[tuple[object, ...], ea.CheckResponse] = Memo(RESPONSE_MEMO_SIZE)
+        # Responses by the decision fields they are built from (transport/answers.py).
+        self._answers: Answers[ea.CheckResponse] = Answers(
+            lambda decision, extra: to_response(decision, options, extra),
+            budget_headers=options.budget_headers,
+        )
 
     @property
     def stats(self) -> Stats:
         return self._app.stats
 
     def _respond(self, result: CheckResult) -> ea.CheckResponse:
-        """Build (or reuse) the CheckResponse. Responses are memoized by everything
-        `to_response` reads from a decision, so a cache miss that decides like an earlier
-        check (same outcome, reason, rule, principal, policy version, headers) reuses it
-        too; a rate-limited or budget-carrying answer has per-request headers and is built
-        fresh."""
-        decision = result.decision
-        if self._options.budget_headers and result.limit is not None and decision.allowed:
-            return to_response(decision, self._options, rate_limit_headers(result.limit))
-        if decision.outcome is Outcome.RATE_LIMITED:
-            return to_response(decision, self._options)
-        identity = decision.identity
-        key = (
-            decision.outcome,
-            decision.reason,
-            decision.rule,
-            identity.principal if identity is not None else "",
-            identity.source if identity is not None else None,
-            decision.policy_version,
-            decision.headers,
-        )
-        response = self._responses.get(key)
-        if response is None:
-            response = self._responses.put(key, to_response(decision, self._options))
-        return response
+        return self._answers.answer(result)
 
     async def Check(self, check: ea.CheckRequest, context: Any) -> ea.CheckResponse:
         app = self._app

@@ -54,12 +54,12 @@ import httptools
 
 from extauthz.app import App, strip_headers_of
 from extauthz.decide.pipeline import REALM, CheckResult
-from extauthz.decide.ratelimit import rate_limit_headers
 from extauthz.identity.resolver import www_authenticate
 from extauthz.identity.xfcc import XfccError, parse_xfcc, sidecar_element
 from extauthz.memo import Memo
 from extauthz.model import Decision, IdentityFailure, IdentitySource, Outcome, Reason, Request
 from extauthz.settings import Settings, SettingsError, parse_listen_address
+from extauthz.transport.answers import Answers
 from extauthz.transport.listeners import BindError, reuse_port
 from extauthz.transport.tls import TlsConfig
 
@@ -77,7 +77,6 @@ METADATA_HEADERS = ("principal", "identity_source", "rule", "decision", "reason"
 CLIENT_HEADERS = (REASON_HEADER, "www-authenticate", "retry-after", "ratelimit-limit",
                   "ratelimit-remaining", "ratelimit-reset", "content-type")
 BUDGET_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
-RESPONSE_MEMO_SIZE = 4096
 XFCC_MEMO_SIZE = 4096
 XFCC_MEMO_MAX_VALUE = 4096  # a sidecar's element (URI, Hash, even Cert=) is well under this
 
@@ -156,7 +155,10 @@ class Responses:
 
     def __init__(self, options: HttpOptions) -> None:
         self._options = options
-        self._memo: dict[tuple[object, ...], bytes] = {}
+        self._answers: Answers[bytes] = Answers(
+            self.build,
+            budget_headers=options.budget_headers,
+        )
 
     def build(
         self, decision: Decision, extra: Sequence[tuple[str, str]] = (), status: int = 0,
@@ -191,30 +193,9 @@ class Responses:
         )
 
     def respond(self, result: CheckResult) -> bytes:
-        """Memoized by everything `build` reads from a decision (as the gRPC servicer does);
-        answers with per-request headers (rate-limited, budget headers) are built fresh."""
-        decision = result.decision
-        if self._options.budget_headers and result.limit is not None and decision.allowed:
-            return self.build(decision, rate_limit_headers(result.limit))
-        if decision.outcome is Outcome.RATE_LIMITED:
-            return self.build(decision)
-        identity = decision.identity
-        key = (
-            decision.outcome,
-            decision.reason,
-            decision.rule,
-            identity.principal if identity is not None else "",
-            identity.source if identity is not None else None,
-            decision.policy_version,
-            decision.headers,
-        )
-        response = self._memo.get(key)
-        if response is None:
-            response = self.build(decision)
-            if len(self._memo) >= RESPONSE_MEMO_SIZE:
-                self._memo.clear()
-            self._memo[key] = response
-        return response
+        """Memoized by everything `build` reads from a decision, as the gRPC servicer's are
+        (transport/answers.py)."""
+        return self._answers.answer(result)
 
 
 @dataclass(frozen=True, slots=True)
