@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extauthz.identity.spiffe import SpiffeId, SpiffeIdError, parse_workload_id
+from extauthz.memo import Memo
 
 DEFAULT_MAX_LENGTH = 16 * 1024
 DEFAULT_MAX_ELEMENTS = 16
@@ -277,8 +278,7 @@ class ElementCache:
     ) -> None:
         self._max_length = max_length
         self._max_elements = max_elements
-        self._size = size
-        self._memo: dict[tuple[str, str], TrustedElement | str] = {}
+        self._memo: Memo[tuple[str, str], TrustedElement | str] = Memo(size)
 
     def element(self, value: str, proxy: str) -> TrustedElement:
         """The element `proxy` vouches for, or XfccError ("malformed XFCC: ..." when the
@@ -288,9 +288,7 @@ class ElementCache:
         if found is None:
             found = self._compute(value, proxy)
             if len(value) <= self._max_length:  # an oversized header is never kept
-                if len(self._memo) >= self._size:
-                    self._memo.clear()
-                self._memo[key] = found
+                self._memo.put(key, found)
         if isinstance(found, str):
             raise XfccError(found)
         return found

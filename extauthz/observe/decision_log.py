@@ -40,6 +40,7 @@ from typing import IO, Any
 
 from extauthz.decide.pipeline import CheckResult
 from extauthz.identity.resolver import NOTES_CLAIM
+from extauthz.memo import Memo
 from extauthz.model import Decision, Identity, IdentitySource, Reason, Request
 
 log = logging.getLogger("extauthz.decision_log")
@@ -264,7 +265,10 @@ def _fragments(d: Decision) -> _Fragments:
     return who, what, why, _str(condition_of(d))
 
 
-def fast_line(item: _Item, memo: dict[int, tuple[Decision, _Fragments]] | None = None) -> str:
+FragmentMemo = Memo[int, tuple[Decision, _Fragments]]
+
+
+def fast_line(item: _Item, memo: FragmentMemo | None = None) -> str:
     """`format_line(record(...))` without the intermediate dict, with each decision's own
     fields rendered once when a `memo` is given (the writer thread's hot loop). Tests hold
     the two to the same output."""
@@ -279,11 +283,7 @@ def fast_line(item: _Item, memo: dict[int, tuple[Decision, _Fragments]] | None =
         if hit is not None and hit[0] is d:
             who, what, why, condition = hit[1]
         else:
-            frags = _fragments(d)
-            if len(memo) >= FRAGMENT_MEMO_SIZE:
-                memo.clear()
-            memo[id(d)] = (d, frags)
-            who, what, why, condition = frags
+            who, what, why, condition = memo.put(id(d), (d, _fragments(d)))[1]
     http = request is not None and request.is_http
     limit = result.limit
     return "".join((
@@ -337,7 +337,7 @@ class DecisionLog:
         self._reopen_check_interval = reopen_check_interval
         self._queue: collections.deque[_Item] = collections.deque()
         # Each decision's own line fragments; touched by the writer (under _lock) only.
-        self._fragments: dict[int, tuple[Decision, _Fragments]] = {}
+        self._fragments: FragmentMemo = Memo(FRAGMENT_MEMO_SIZE)
         self._wake = threading.Event()
         self._stopping = False
         self._reopen = False

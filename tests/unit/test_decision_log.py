@@ -15,12 +15,15 @@ import pytest
 
 from extauthz.decide.pipeline import CheckResult
 from extauthz.decide.ratelimit import LimitResult
+from extauthz.memo import Memo
 from extauthz.model import Decision, Identity, IdentitySource, Outcome, Reason, Request
 from extauthz.observe.decision_log import (
+    FRAGMENT_MEMO_SIZE,
     ROUTE_KEY,
     SCHEMA_MINOR,
     SCHEMA_VERSION,
     DecisionLog,
+    FragmentMemo,
     clean,
     fast_line,
     format_line,
@@ -137,7 +140,7 @@ def test_a_shared_fragment_memo_never_gives_one_decision_another_decisions_field
     """The writer keeps each decision's rendered fields; over every case, in order and
     reversed, with one memo, each line is still exactly its own record."""
     ts = 1_764_000_000.123456
-    memo: dict[int, Any] = {}
+    memo: FragmentMemo = Memo(FRAGMENT_MEMO_SIZE)
     for req, result in [*CASES, *reversed(CASES), *CASES]:
         fast = fast_line((ts, req, result, 0.000123, "", ""), memo)
         assert fast.encode("ascii") == format_line(record(ts, req, result, 0.000123))
