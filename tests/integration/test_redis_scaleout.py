@@ -79,19 +79,12 @@ def _serve_bursts(url: str, tmp_path: Path) -> tuple[list[tuple[int, Counter[str
         return rounds, a.log() + b.log() + c.log()
 
 
-def test_cluster_three_serve_processes_share_one_exact_budget(
-    cluster: RedisClusterNodes, tmp_path: Path
+@pytest.mark.parametrize("backend", ["cluster", "sentinel"])
+def test_three_serve_processes_share_one_exact_budget(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    rounds, logs = _serve_bursts(cluster.url, tmp_path)
-    for size, answers in rounds:
-        assert answers == Counter({"allow": 30, "429:rate_limited": size - 30}), answers
-    assert "limiter_unavailable" not in logs and "ratelimit_breaker" not in logs
-
-
-def test_sentinel_three_serve_processes_share_one_exact_budget(
-    sentinel: SentinelSetup, tmp_path: Path
-) -> None:
-    rounds, logs = _serve_bursts(sentinel.url, tmp_path)
+    setup: RedisClusterNodes | SentinelSetup = request.getfixturevalue(backend)
+    rounds, logs = _serve_bursts(setup.url, tmp_path)
     for size, answers in rounds:
         assert answers == Counter({"allow": 30, "429:rate_limited": size - 30}), answers
     assert "limiter_unavailable" not in logs and "ratelimit_breaker" not in logs
